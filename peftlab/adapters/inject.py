@@ -32,7 +32,7 @@ class AdapterState:
     controller: Controller
     layers: dict[str, AdapterLayer]
     modules_to_save: list[str]
-    originals: dict[str, nn.Module] = field(repr=False)  # untouched copies of modules_to_save
+    originals: dict[str, nn.Module] = field(repr=False)  # modules_to_save as they were before wrap
 
 
 def matches(patterns: str | tuple[str, ...], name: str) -> bool:
@@ -134,9 +134,11 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
     for layer in layers.values():
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
-    originals = {name: copy.deepcopy(modules[name]) for name in saved}
+    # modules_to_save train a copy (as PEFT does): a head tied to the input embeddings stays
+    # untouched, and unwrap() puts the original back
+    originals = {name: modules[name] for name in saved}
     for name in saved:
-        modules[name].requires_grad_(True)
+        _set_module(model, name, copy.deepcopy(modules[name]).requires_grad_(True))
     model.peftlab = AdapterState(method, config, method.controller(model, config, layers), layers, saved, originals)
     return model
 

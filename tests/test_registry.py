@@ -1,0 +1,44 @@
+"""The registry: names, aliases, configs, and errors that name the closest valid choice."""
+import dataclasses
+
+import pytest
+from torch import nn
+
+import peftlab
+from peftlab.adapters import base, registry
+
+
+def test_every_registered_method_has_a_config_layer_and_peft_type():
+    for name in peftlab.list_adapters():
+        method = registry.get_method(name)
+        assert dataclasses.is_dataclass(method.config) and issubclass(method.layer, base.AdapterLayer)
+        assert method.peft_type and isinstance(peftlab.get_config(name), method.config)
+
+
+def test_unknown_adapter_names_the_closest():
+    with pytest.raises(ValueError, match=r"unknown adapter 'lorra'; did you mean 'lora'\? Known adapters: .*lora"):
+        peftlab.get_config("lorra")
+
+
+def test_unknown_field_names_the_closest():
+    with pytest.raises(TypeError, match=r"lora has no config field 'lora_alfa'; did you mean 'lora_alpha'\?"):
+        peftlab.get_config("lora", lora_alfa=8)
+
+
+def test_overrides_are_applied_and_configs_are_frozen():
+    cfg = peftlab.get_config("lora", r=16, target_modules=["q_proj"])
+    assert cfg.r == 16 and cfg.target_modules == ("q_proj",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.r = 4
+
+
+def test_registration_is_validated():
+    with pytest.raises(ValueError, match="lowercase identifier"):
+        registry.register("Bad-Name", layer=base.AdapterLayer, peft_type="X")
+    with pytest.raises(ValueError, match="'lora' is already registered"):
+        @registry.register("lora", layer=base.AdapterLayer, peft_type="X")
+        @dataclasses.dataclass(frozen=True, kw_only=True)
+        class Again(base.AdapterConfig):
+            pass
+    with pytest.raises(TypeError, match="must be a dataclass extending AdapterConfig"):
+        registry.register("fresh", layer=base.AdapterLayer, peft_type="X")(nn.Linear)
