@@ -45,7 +45,7 @@ def test_peftlab_lora_loads_in_peft_with_identical_logits(arch, rslora, tmp_path
 def test_peft_lora_loads_in_peftlab_with_identical_logits(arch, tmp_path):
     make = FACTORIES[arch]
     targets = ["q_proj", "v_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_fc"]
-    cfg = LoraConfig(r=6, lora_alpha=10, target_modules=targets, init_lora_weights=False,
+    cfg = LoraConfig(r=6, lora_alpha=10, target_modules=targets, init_lora_weights=False, fan_in_fan_out=arch == "gpt2",
                      rank_pattern={"v_proj" if arch == "llama" else "c_fc": 3})
     peft_model = get_peft_model(make(), cfg)
     x = tokens()
