@@ -18,10 +18,11 @@ from .adapters import (
     wrap,
 )
 from .io import load_adapter, save_adapter
+from .trainers import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterLayer", "Controller", "controller", "get_config", "list_adapters",
-    "load_adapter", "merge", "save_adapter", "trainable_summary", "unwrap", "wrap",
+    "load_adapter", "merge", "save_adapter", "TrainConfig", "Trainer", "trainable_summary", "unwrap", "wrap",
 ]

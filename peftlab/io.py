@@ -191,6 +191,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load the tensors of a saved adapter into a model already wrapped the same way (resume)."""
+    path = Path(path)
+    _load_tensors(model, load_file(str(path / WEIGHTS_NAME)), path)
+
+
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))

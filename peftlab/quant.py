@@ -86,3 +86,37 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype = torch.float32) ->
     if module.bias is not None:
         linear.bias.copy_(module.bias)
     return linear.requires_grad_(False)
+
+
+TASKS = ("seq-cls", "causal-lm")
+
+
+def load_model(name_or_path: str, task: str, *, load_in_4bit: bool = False, num_labels: int = 2) -> nn.Module:
+    """A transformers model for `task`; with `load_in_4bit`, its linear layers in bitsandbytes NF4
+    (float32 compute on CPU, bfloat16 on GPU) and prepared for k-bit training."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    kwargs = {"num_labels": num_labels} if task == "seq-cls" else {}
+    if load_in_4bit:
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            llm_int8_skip_modules=["classifier", "score", "lm_head"])
+        kwargs["dtype"] = compute
+    cls = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
+    model = cls.from_pretrained(name_or_path, **kwargs)
+    return prepare_for_kbit_training(model) if load_in_4bit else model
+
+
+def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
+    """Freeze the base, keep norms and other non-quantized float parameters in float32 (small,
+    and unstable in half precision), and let inputs carry gradients for gradient checkpointing."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return model

@@ -1,0 +1,5 @@
+"""Front ends that drive the adapter lifecycle: the Accelerate trainer and the HF callback."""
+from .config import TrainConfig
+from .trainer import NonFiniteLossError, Trainer
+
+__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer"]

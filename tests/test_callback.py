@@ -1,0 +1,36 @@
+"""PeftlabCallback under transformers.Trainer: the same lifecycle at the same points."""
+import torch
+from transformers import Trainer, TrainingArguments
+
+import peftlab
+from peftlab.integrations import PeftlabCallback
+
+from conftest import tiny_llama
+from test_trainer import spied
+from train_job import lm_dataset
+
+
+def hf_trainer(model, out, max_steps, **kw):
+    args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, learning_rate=1e-2, save_steps=2, logging_steps=1,
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=3, **kw)
+    return Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[PeftlabCallback(model, prepare_batches=3)])
+
+
+def test_callback_calls_the_lifecycle_once_per_optimizer_step(tmp_path):
+    model = peftlab.wrap(tiny_llama(), "lora", r=4)
+    spy = spied(model)
+    hf_trainer(model, tmp_path, max_steps=4).train()
+    assert spy.calls == [("prepare", 3)] + [c for s in range(4) for c in (("before", s, True), ("after", s))]
+    assert torch.load(tmp_path / "checkpoint-4" / "peftlab_controller.pt", weights_only=True)["calls"] == 1 + 4 * 2
+
+
+def test_callback_restores_controller_state_on_resume(tmp_path):
+    model = peftlab.wrap(tiny_llama(), "lora", r=4)
+    spied(model)
+    hf_trainer(model, tmp_path, max_steps=4).train()
+    again = peftlab.wrap(tiny_llama(), "lora", r=4)
+    spy = spied(again)
+    hf_trainer(again, tmp_path, max_steps=6).train(resume_from_checkpoint=True)
+    assert spy.calls[0] == ("load", 9), "state of checkpoint-4 restored, prepare not run again"
+    assert [c[1] for c in spy.calls if c[0] == "after"] == [4, 5]

@@ -1,0 +1,196 @@
+"""The Accelerate trainer: hook placement, exact resume after a kill, 2-process equality, NaN
+handling, QLoRA training, checkpoints, config validation."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftlab
+from peftlab.adapters.base import Controller
+from peftlab.trainers.trainer import NonFiniteLossError, checkpoints, lr_lambda
+
+from conftest import tiny_llama
+from train_job import lm_dataset
+
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+
+
+class Spy(Controller):
+    """Records every lifecycle call, and the gradient state it saw."""
+
+    def __init__(self, base: Controller):
+        super().__init__(base.model, base.config, base.layers)
+        self.calls = []
+
+    def prepare(self, model, batches=None):
+        self.calls.append(("prepare", len(batches)))
+
+    def before_optimizer_step(self, step):
+        grads = [l.lora_B.grad for l in self.layers.values()]
+        self.calls.append(("before", step, all(g is not None for g in grads)))
+
+    def after_optimizer_step(self, step):
+        self.calls.append(("after", step))
+
+    def state_dict(self):
+        return {"calls": torch.tensor(len(self.calls))}
+
+    def load_state_dict(self, state):
+        self.calls.append(("load", int(state["calls"])))
+
+
+def spied(model):
+    model.peftlab.controller = Spy(model.peftlab.controller)
+    return model.peftlab.controller
+
+
+def config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), learning_rate=1e-2, per_device_train_batch_size=4, logging_steps=1,
+                disable_tqdm=True, seed=3)
+    return peftlab.TrainConfig(**{**base, **kw})
+
+
+def test_hooks_run_once_per_optimizer_step_after_accumulation(tmp_path):
+    model = peftlab.wrap(tiny_llama(), "lora", r=4)
+    spy = spied(model)
+    forwards = []
+    model.register_forward_hook(lambda *a: forwards.append(1))
+    peftlab.Trainer(model, config(tmp_path, max_steps=4, gradient_accumulation_steps=3, prepare_batches=2),
+                    lm_dataset()).train()
+    assert spy.calls == [("prepare", 2)] + [c for s in range(4) for c in (("before", s, True), ("after", s))]
+    assert len(forwards) == 4 * 3
+    metrics = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics[:4]] == [1, 2, 3, 4] and (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_schedule_warms_up_then_decays():
+    f = lr_lambda("linear", warmup=2, total=10)
+    assert [round(f(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
+    c = lr_lambda("cosine", warmup=0, total=10)
+    assert c(0) == 1.0 and abs(c(5) - 0.5) < 1e-9 and abs(c(10)) < 1e-12
+
+
+def test_interrupted_run_resumes_to_the_bitwise_same_adapter(tmp_path):
+    job = [sys.executable, str(HERE / "train_job.py")]
+    subprocess.run(job + [str(tmp_path / "full")], check=True, env=ENV, capture_output=True)
+    killed = subprocess.run(job + [str(tmp_path / "cut"), "--kill-at", "5"], env=ENV, capture_output=True)
+    assert killed.returncode == -9  # SIGKILL after step 5: checkpoint-4 is the newest
+    assert [p.name for p in checkpoints(tmp_path / "cut")] == ["checkpoint-2", "checkpoint-4"]
+    assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
+    resumed = subprocess.run(job + [str(tmp_path / "cut"), "--resume"], check=True, env=ENV, capture_output=True, text=True)
+    assert "resumed from" in resumed.stdout and "checkpoint-4 at step 4" in resumed.stdout
+    full, cut = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("full", "cut"))
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    job = [str(HERE / "train_job.py"), "--dropout", "0"]
+    subprocess.run([sys.executable, job[0], str(tmp_path / "one"), "--per-device", "4", *job[1:]],
+                   check=True, env=ENV, capture_output=True)
+    launcher = Path(sys.executable).with_name("accelerate")
+    two = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", job[0], str(tmp_path / "two"),
+                          "--per-device", "2", *job[1:]], env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one, two = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("one", "two"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert min(one[k].abs().max().item() for k in one if "lora_B" in k) > 1e-3, "the adapters must have trained"
+
+
+def test_nonfinite_steps_are_skipped_and_counted_then_stop(tmp_path):
+    model = peftlab.wrap(tiny_llama(), "lora", r=4)
+    spy = spied(model)
+    poisoned = {2}
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        if len(calls) in poisoned:
+            output.loss = output.loss * float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    trainer = peftlab.Trainer(model, config(tmp_path, max_steps=4), lm_dataset())
+    trainer.train()
+    assert trainer.nonfinite_total == 1
+    assert [c[1] for c in spy.calls if c[0] == "before"] == [0, 2, 3], "no hook sees the NaN step"
+
+    poisoned.update(range(100))
+    calls.clear()
+    model2 = peftlab.wrap(tiny_llama(), "lora", r=4)
+    model2.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row had a non-finite loss"):
+        peftlab.Trainer(model2, config(tmp_path / "b", max_steps=10, max_nonfinite_steps=3), lm_dataset()).train()
+
+
+def test_checkpoints_rotate_and_resume_rejects_changed_settings(tmp_path):
+    model = peftlab.wrap(tiny_llama(), "lora", r=4)
+    peftlab.Trainer(model, config(tmp_path, max_steps=6, save_steps=2, save_total_limit=2), lm_dataset()).train()
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    assert not list(tmp_path.glob(".checkpoint-*")), "no temp checkpoint left behind"
+    again = peftlab.wrap(tiny_llama(), "lora", r=4)
+    with pytest.raises(ValueError, match=r"other settings \{'learning_rate': \(0.01, 0.02\)\}"):
+        peftlab.Trainer(again, config(tmp_path, max_steps=6, save_steps=2, learning_rate=2e-2), lm_dataset()).train(True)
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint-N directory"):
+        peftlab.Trainer(again, config(tmp_path / "empty", max_steps=6), lm_dataset()).train(True)
+
+
+def test_evaluate_reports_accuracy_for_classification(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=3))
+    peftlab.wrap(model, "lora", r=2)
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 50, (int(n),), generator=gen), "labels": torch.tensor(i % 3)}
+            for i, n in enumerate(torch.randint(3, 9, (10,), generator=gen))]
+    for row in data:
+        row["attention_mask"] = torch.ones_like(row["input_ids"])
+    trainer = peftlab.Trainer(model, config(tmp_path, per_device_eval_batch_size=4), data[:4], eval_dataset=data)
+    result = trainer.evaluate()
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(**{k: v[None] for k, v in row.items() if k != "labels"}).logits for row in data])
+    labels = torch.stack([row["labels"] for row in data])
+    assert result["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+    assert result["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_qlora_4bit_base_trains(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = peftlab.quant.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=True)
+    assert any(peftlab.quant.is_4bit(m) for m in model.modules())
+    peftlab.wrap(model, "lora", r=8, lora_alpha=16)
+    trainer = peftlab.Trainer(model, config(tmp_path / "run", max_steps=30, learning_rate=2e-2, warmup_steps=0),
+                              lm_dataset(num_starts=4), eval_dataset=lm_dataset(8, seed=1, num_starts=4))
+    before = trainer.evaluate()["eval_loss"]
+    after = trainer.train()["eval_loss"]
+    assert after < before - 0.5, (before, after)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"learning_rate": 0}, "learning_rate must be > 0, got 0"),
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be an integer >= 1, got 0"),
+    ({"max_steps": 0}, "max_steps must be -1 .* or >= 1, got 0"),
+    ({"warmup_ratio": 1.5}, r"warmup_ratio must be in \[0, 1\), got 1.5"),
+    ({"lr_scheduler_type": "cosin"}, "lr_scheduler_type must be one of linear, cosine, constant, got 'cosin'"),
+    ({"optim": "sgd"}, "optim must be one of"),
+    ({"max_grad_norm": -1}, "max_grad_norm must be >= 0"),
+    ({"num_train_epochs": 0}, "num_train_epochs must be > 0 when max_steps is -1"),
+])
+def test_config_validation_names_the_value(kwargs, message):
+    with pytest.raises(ValueError, match="TrainConfig: " + message):
+        peftlab.TrainConfig(**kwargs)
+
+
+def test_trainer_needs_a_wrapped_model_and_data(tmp_path):
+    with pytest.raises(ValueError, match="no peftlab adapters"):
+        peftlab.Trainer(tiny_llama(), config(tmp_path), lm_dataset())
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora"), config(tmp_path), [])
