@@ -33,6 +33,8 @@ _PEFT_METADATA = {
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying",
     "layers_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+    # LoraConfig fields that PEFT's AdaLoRA / RandLoRA configs inherit and ignore (LoRA reads them)
+    "r", "init_lora_weights", "use_rslora", "alpha_pattern",
 }
 # PEFT features that change the forward math; an adapter that turns one on is refused, not half-loaded.
 _PEFT_UNSUPPORTED = {
@@ -88,7 +90,7 @@ def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
     state = state_of(model)
     bases = [layer.base_layer for layer in state.layers.values()]
     return {
-        **state.config.peft_fields(),
+        **state.config.peft_fields(state.layers),
         "peft_type": state.method.peft_type,
         "task_type": _task_type(model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -191,12 +193,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load the tensors of a saved adapter into a model already wrapped the same way (resume)."""
-    path = Path(path)
-    _load_tensors(model, load_file(str(path / WEIGHTS_NAME)), path)
-
-
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
@@ -224,3 +220,44 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
         prefix = f"{PREFIX}{name}."
         module = model.get_submodule(name)
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def export_lora(model: nn.Module, output_dir: str | os.PathLike, rank: int | None = None) -> dict[str, float]:
+    """Write any wrapped model's adapter as a plain PEFT LoRA (scale 1, per-module ranks in
+    rank_pattern) that every LoRA loader and server understands.
+
+    Low-rank methods export their exact factors; with `rank`, or for full-rank methods, each
+    update is the truncated SVD of its delta. Returns each module's relative Frobenius error
+    ‖BA − ΔW‖ / ‖ΔW‖ (0 where the export is exact).
+    """
+    state = state_of(model)
+    tensors, ranks, errors = {}, {}, {}
+    for name, layer in state.layers.items():
+        a, b = layer.lora_factors(rank)
+        delta = layer.delta_weight()
+        errors[name] = ((b @ a - delta).norm() / delta.norm()).item() if delta.any() else 0.0
+        if a.shape[0] == 0:
+            continue  # a module pruned to rank 0 contributes nothing
+        ranks[name] = a.shape[0]
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    for name in state.modules_to_save:
+        for key, tensor in model.get_submodule(name).state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = tensor.detach().contiguous()
+    if not ranks:
+        raise ValueError("every adapted module has a zero update; there is nothing to export")
+    top = max(ranks.values())
+    config = {
+        "peft_type": "LORA", "task_type": _task_type(model), "inference_mode": True, "bias": "none",
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": top, "lora_alpha": top, "lora_dropout": 0.0, "use_rslora": False, "init_lora_weights": True,
+        "target_modules": list(ranks), "modules_to_save": state.modules_to_save or None,
+        "rank_pattern": ranks, "alpha_pattern": dict(ranks),  # alpha = r: scale 1, the factors carry it
+        "fan_in_fan_out": all(isinstance(state.layers[n].base_layer, Conv1D) for n in ranks),
+    }
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_json(out / CONFIG_NAME, config)
+    _write_json(out / PEFTLAB_NAME, {"format_version": FORMAT_VERSION, "method": "lora", "exported_from": state.method.name})
+    return errors

@@ -7,12 +7,15 @@ from torch import nn
 import peftlab
 from peftlab.adapters import base, registry
 
+from cases import CASES
 
-def test_every_registered_method_has_a_config_layer_and_peft_type():
+
+def test_every_registered_method_has_a_case_config_layer_and_peft_type():
+    assert sorted(CASES) == peftlab.list_adapters(), "add new methods to tests/cases.py"
     for name in peftlab.list_adapters():
         method = registry.get_method(name)
         assert dataclasses.is_dataclass(method.config) and issubclass(method.layer, base.AdapterLayer)
-        assert method.peft_type and isinstance(peftlab.get_config(name), method.config)
+        assert method.peft_type and isinstance(peftlab.get_config(name, **CASES[name].config), method.config)
 
 
 def test_unknown_adapter_names_the_closest():

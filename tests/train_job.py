@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
 
-    model = peftlab.wrap(tiny_llama(), args.method, r=4, lora_dropout=args.dropout)
+    method_config = {"lora": {"r": 4}, "adalora": {"init_r": 6, "target_r": 2, "total_step": args.steps}}
+    model = peftlab.wrap(tiny_llama(), args.method, lora_dropout=args.dropout, **method_config[args.method])
     config = peftlab.TrainConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.per_device,
                                  gradient_accumulation_steps=args.ga, learning_rate=5e-3, save_steps=2,
                                  save_total_limit=0, logging_steps=1, warmup_steps=2, disable_tqdm=True, seed=7)

@@ -64,8 +64,9 @@ class AdapterConfig:
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
-    def peft_fields(self) -> dict[str, Any]:
-        """The method's hyperparameters as written to adapter_config.json (targeting is added by io)."""
+    def peft_fields(self, layers: dict[str, "AdapterLayer"]) -> dict[str, Any]:
+        """The method's hyperparameters as written to adapter_config.json (targeting is added by io);
+        `layers` lets a method record per-module state such as live ranks."""
         return {k: v for k, v in self.to_dict().items() if k not in _TARGETING}
 
     @classmethod
@@ -155,6 +156,19 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     @torch.no_grad()
+    def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
+        """(A, B) in float32 with B @ A ≈ delta_weight(), for export as a plain LoRA.
+
+        Low-rank methods return their exact factors; this default is the truncated SVD, which
+        needs a `rank` (the best rank-r approximation in Frobenius norm, Eckart–Young).
+        """
+        if rank is None:
+            raise ValueError(f"{type(self).__name__} is not low-rank; export it with an explicit rank")
+        u, s, vh = torch.linalg.svd(self.delta_weight(), full_matrices=False)
+        root = s[:rank].sqrt()
+        return root[:, None] * vh[:rank], u[:, :rank] * root  # (rank, d_in), (d_out, rank)
+
+    @torch.no_grad()
     def merged_module(self) -> nn.Module:
         """A plain module computing base + adapter; a 4-bit base becomes a dequantized nn.Linear."""
         if quant.is_4bit(self.base_layer):
@@ -187,6 +201,9 @@ class Controller:
     def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "lr": base_lr}]
+
+    def expect_total_steps(self, total_steps: int) -> None:
+        """Front ends announce how many optimizer steps they will run; a schedule that disagrees raises."""
 
     def before_optimizer_step(self, step: int) -> None:
         """Gradients are final (accumulated, unscaled, all-reduced); `step` counts finished steps."""

@@ -51,6 +51,11 @@ class LoRALinear(AdapterLayer):
     def delta_weight(self) -> Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, d_in)
 
+    def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
+        if rank is not None and rank < self.r:
+            return super().lora_factors(rank)
+        return self.lora_A.detach().float() * self.scale, self.lora_B.detach().float()
+
     def peft_state(self) -> dict[str, Tensor]:
         return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
 
@@ -97,8 +102,8 @@ class LoRAConfig(AdapterConfig):
             return 0.0
         return alpha / (math.sqrt(r) if self.use_rslora else r)
 
-    def peft_fields(self) -> dict[str, Any]:
-        return {**super().peft_fields(), "bias": "none", "fan_in_fan_out": False}
+    def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+        return {**super().peft_fields(layers), "bias": "none"}
 
     @classmethod
     def from_peft_fields(cls, saved: dict[str, Any]) -> dict[str, Any]:

@@ -22,16 +22,18 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters.inject import controller as controller_of
 from ..adapters.inject import state_of
 from ..data import EpochBatches, PadCollator
-from ..io import atomic_write, load_adapter_weights, save_adapter
+from ..io import atomic_write, save_adapter
 from .config import TrainConfig
 
 STATE_NAME = "trainer_state.json"
+TRAINABLE_NAME = "trainable_state.safetensors"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,6 +101,7 @@ class Trainer:
         total = cfg.total_steps(len(batches))
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
+        self.controller.expect_total_steps(total)
         checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         if checkpoint is None:
             self.controller.prepare(model, self._prepare_batches())
@@ -248,7 +251,9 @@ class Trainer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_adapter(self.model, tmp)
+            save_adapter(self.model, tmp)  # the usable PEFT-format adapter (trimmed to live ranks)
+            trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(trainable, str(tmp / TRAINABLE_NAME))  # every trainable tensor, untrimmed, for exact resume
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(self.controller.state_dict(), tmp / "controller.pt")
@@ -301,7 +306,7 @@ class Trainer:
         if changed:
             raise ValueError(f"{path} was written with other settings {changed} (saved, now); "
                              "resume with the same config, or start a fresh run from the adapter")
-        load_adapter_weights(self.model, path)
+        self._load_trainable(path / TRAINABLE_NAME)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         self.controller.load_state_dict(torch.load(path / "controller.pt", weights_only=True))
@@ -313,6 +318,16 @@ class Trainer:
         self.nonfinite_steps, self.nonfinite_total = state["nonfinite_steps"], state["nonfinite_total"]
         acc.print(f"peftlab: resumed from {path} at step {state['step']}")
         return state["step"], state["micro_batches"]
+
+    @torch.no_grad()
+    def _load_trainable(self, path: Path) -> None:
+        saved = load_file(str(path))
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if saved.keys() != params.keys() or any(saved[n].shape != p.shape for n, p in params.items()):
+            raise ValueError(f"{path} does not fit this model's trainable parameters; resume with the same "
+                             "adapter config the checkpoint was written with")
+        for name, param in params.items():
+            param.copy_(saved[name])
 
     # ----------------------------------------------------------------- logging
     def _log(self, metrics: dict[str, Any], report: dict[str, Any] | None = None) -> None:

@@ -1,0 +1,16 @@
+"""One case per registered method: the config the shared oracles run it with, and its tolerances.
+test_contract.py runs every oracle over CASES; a new method fails the guard until it is added."""
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Case:
+    config: dict = field(default_factory=dict)
+    identity_init: bool = True   # wrapped == base before training
+    atol: float = 1e-5
+
+
+CASES = {
+    "lora": Case({"r": 4}),
+    "adalora": Case({"total_step": 20, "init_r": 6, "target_r": 2}),
+}

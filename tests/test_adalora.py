@@ -1,0 +1,233 @@
+"""AdaLoRA's spec oracles (specs/lora-adalora-increlora.md §5, AdaLoRA 1-13) and PEFT cross-over."""
+import json
+
+import pytest
+import torch
+from peft import AdaLoraConfig, PeftModel, get_peft_model
+
+import peftlab
+from peftlab.adapters.adalora import orthogonality_penalty, update_sensitivity
+
+from conftest import randomize_adapters, tiny_llama, tokens
+from test_lora import Holder
+
+
+def adalora(model=None, **kw):
+    cfg = dict(total_step=20, init_r=6, target_r=2, tinit=2, tfinal=5, target_modules=["q_proj", "v_proj"])
+    return peftlab.wrap(model if model is not None else tiny_llama(), "adalora", **{**cfg, **kw})
+
+
+def step(model, x, opt, t):
+    ctl = peftlab.controller(model)
+    model(x, labels=x).loss.backward()
+    ctl.before_optimizer_step(t)
+    opt.step()
+    ctl.after_optimizer_step(t)
+    opt.zero_grad()
+
+
+def test_identity_at_init_and_init_gradients():
+    x = tokens()
+    base = tiny_llama()
+    model = adalora(orth_reg_weight=0.0)
+    assert torch.equal(model(x).logits, base(x).logits)
+    model(x, labels=x).loss.backward()
+    for layer in model.peftlab.layers.values():
+        assert torch.count_nonzero(layer.lora_E.grad) > 0
+        assert torch.count_nonzero(layer.lora_A.grad) == 0 and torch.count_nonzero(layer.lora_B.grad) == 0
+
+
+def test_regularizer_gradient_reaches_A_and_B_through_the_hook():
+    model = adalora(orth_reg_weight=0.3)
+    layers = list(model.peftlab.layers.values())
+    peftlab.controller(model).before_optimizer_step(0)  # no task gradient yet: only γ·R's
+    a, b = layers[0].lora_A.detach().requires_grad_(), layers[0].lora_B.detach().requires_grad_()
+    pairs = [(a, b)] + [(l.lora_A.detach(), l.lora_B.detach()) for l in layers[1:]]
+    ga, gb = torch.autograd.grad(0.3 * orthogonality_penalty(pairs), (a, b))
+    torch.testing.assert_close(layers[0].lora_A.grad, ga)
+    torch.testing.assert_close(layers[0].lora_B.grad, gb)
+
+
+def test_regularizer_is_zero_for_orthonormal_factors_and_matches_the_formula():
+    q, _ = torch.linalg.qr(torch.randn(8, 5))
+    assert orthogonality_penalty([(q.t(), q)]).item() == pytest.approx(0.0, abs=1e-6)
+    a, b = torch.randn(3, 7), torch.randn(6, 3)
+    expected = ((a @ a.t() - torch.eye(3)).norm() + (b.t() @ b - torch.eye(3)).norm()) / 2  # unsquared, averaged
+    assert orthogonality_penalty([(a, b)]).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_budget_schedule():
+    ctl = peftlab.controller(adalora(total_step=100, tinit=10, tfinal=30, deltaT=5))
+    b0, bT = ctl.initial_budget, ctl.target_budget
+    assert (b0, bT) == (4 * 6, 4 * 2)
+    budgets = [ctl.budget(t)[0] for t in range(100)]
+    assert budgets[:11] == [b0] * 11 and budgets[70] == bT and budgets[71:] == [bT] * 29
+    assert all(x >= y for x, y in zip(budgets, budgets[1:]))
+    for t in (20, 40, 55):  # closed form, spec §2.5
+        assert budgets[t] == int(bT + (b0 - bT) * (1 - (t - 10) / 60) ** 3)
+    masks = [t for t in range(100) if ctl.budget(t)[1]]
+    assert masks == [15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70] + list(range(71, 100))
+
+
+def test_sensitivity_ema_matches_the_recurrence():
+    w = torch.nn.Parameter(torch.tensor([2.0]))
+    ema = {"I": torch.zeros(1), "U": torch.zeros(1)}
+    i_bar = u_bar = 0.0
+    for value, grad in [(2.0, 0.5), (1.5, -1.0), (-3.0, 0.25)]:
+        w.data.fill_(value)
+        w.grad = torch.tensor([grad])
+        update_sensitivity(ema, w, 0.85, 0.7)
+        sens = abs(value * grad)
+        i_bar = 0.85 * i_bar + 0.15 * sens
+        u_bar = 0.7 * u_bar + 0.3 * abs(sens - i_bar)  # uses the updated Ī
+        assert ema["I"].item() == pytest.approx(i_bar) and ema["U"].item() == pytest.approx(u_bar)
+
+
+def test_triplet_score_is_E_plus_row_and_column_means():
+    model = adalora()
+    ctl = peftlab.controller(model)
+    name = next(iter(model.peftlab.layers))
+    s = {k: torch.rand_like(ctl.ema[f"{name}.{k}"]["I"]) for k in ("lora_A", "lora_E", "lora_B")}
+    for k, v in s.items():
+        ctl.ema[f"{name}.{k}"]["I"].copy_(v)
+        ctl.ema[f"{name}.{k}"]["U"].fill_(2.0)
+    expected = 2 * (s["lora_E"][:, 0] + s["lora_A"].mean(1) + s["lora_B"].mean(0))
+    torch.testing.assert_close(ctl.triplet_scores(name), expected)
+
+
+def test_masking_follows_the_budget_zeroes_only_E_and_freezes_in_the_final_phase():
+    model = adalora(deltaT=1, lora_dropout=0.0)
+    ctl = peftlab.controller(model)
+    x = tokens()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    final_pattern = None
+    for t in range(20):
+        model(x, labels=x).loss.backward()
+        ctl.before_optimizer_step(t)
+        opt.step()
+        snapshot = {n: (l.lora_A.clone(), l.lora_B.clone()) for n, l in model.peftlab.layers.items()}
+        opt_state = [s["exp_avg"].clone() for s in opt.state.values()]
+        ctl.after_optimizer_step(t)
+        budget, mask_now = ctl.budget(t)
+        live = sum(l.rank for l in model.peftlab.layers.values())
+        if mask_now:
+            assert live == budget, (t, live, budget)
+            for n, l in model.peftlab.layers.items():
+                assert torch.count_nonzero(l.lora_E[~l.active]) == 0
+                assert torch.equal(l.lora_A, snapshot[n][0]) and torch.equal(l.lora_B, snapshot[n][1])
+            assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(opt_state, opt.state.values()))
+        if t >= 15:
+            pattern = [l.active.clone() for l in model.peftlab.layers.values()]
+            final_pattern = final_pattern or pattern
+            assert all(torch.equal(a, b) for a, b in zip(pattern, final_pattern)), "frozen after T - tfinal"
+        opt.zero_grad()
+    assert ctl.report()["budget"] == ctl.target_budget == 4 * 2
+    # masked triplets get no task gradient on A and B
+    layer = next(l for l in model.peftlab.layers.values() if not l.active.all())
+    model(x, labels=x).loss.backward()
+    assert torch.count_nonzero(layer.lora_A.grad[~layer.active]) == 0
+    assert torch.count_nonzero(layer.lora_B.grad[:, ~layer.active]) == 0
+
+
+def test_merge_with_masked_triplets_and_save_load_round_trip(tmp_path):
+    model = adalora()
+    randomize_adapters(model)
+    ctl = peftlab.controller(model)
+    layers = list(model.peftlab.layers.values())
+    layers[0].mask(torch.tensor([True, False, True, False, False, False]))
+    layers[1].mask(torch.zeros(6, dtype=torch.bool))  # rank 0 must save and load (PEFT #1539)
+    x = tokens()
+    expected = model(x).logits
+    peftlab.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and sum(config["rank_pattern"][f"{next(iter(model.peftlab.layers))}.lora_E"]) == 2
+    loaded = peftlab.load_adapter(tiny_llama(), tmp_path)
+    assert torch.equal(loaded(x).logits, expected)
+    assert [l.rank for l in loaded.peftlab.layers.values()][:2] == [2, 0]
+    assert all(l.scale == pytest.approx(16 / (6 + 1e-5)) for l in loaded.peftlab.layers.values())
+    torch.testing.assert_close(peftlab.merge(model)(x).logits, expected, atol=1e-5, rtol=1e-5)
+    assert ctl.report()["budget"] == 2 + 0 + 6 + 6
+
+
+def test_peftlab_adalora_loads_in_peft_and_back(tmp_path):
+    model = adalora(total_step=12, tinit=1, tfinal=3)
+    x = tokens()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for t in range(12):
+        step(model, x, opt, t)
+    assert peftlab.controller(model).report()["budget"] == 8
+    model.eval()
+    expected = model(x).logits
+    peftlab.save_adapter(model, tmp_path)
+    theirs = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    torch.testing.assert_close(theirs(x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_adalora_loads_in_peftlab(tmp_path):
+    cfg = AdaLoraConfig(init_r=6, target_r=2, total_step=10, tinit=1, tfinal=3, target_modules=["q_proj", "v_proj"],
+                        lora_alpha=12)
+    theirs = get_peft_model(tiny_llama(), cfg)
+    x = tokens()
+    opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=5e-2)
+    for t in range(10):
+        theirs(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        theirs.base_model.update_and_allocate(t)
+        opt.zero_grad()
+    theirs.eval()
+    expected = theirs(x).logits
+    theirs.save_pretrained(str(tmp_path))
+    ours = peftlab.load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(ours(x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path):
+    x = tokens()
+
+    def run(steps, model, opt):
+        for t in steps:
+            step(model, x, opt, t)
+
+    torch.manual_seed(0)
+    full = adalora()
+    opt = torch.optim.AdamW([p for p in full.parameters() if p.requires_grad], lr=1e-2)
+    run(range(20), full, opt)
+
+    torch.manual_seed(0)
+    first = adalora()
+    opt1 = torch.optim.AdamW([p for p in first.parameters() if p.requires_grad], lr=1e-2)
+    run(range(9), first, opt1)
+    params = {n: p.detach().clone() for n, p in first.named_parameters() if p.requires_grad}
+    ctl_state, opt_state = peftlab.controller(first).state_dict(), opt1.state_dict()
+
+    second = adalora()
+    with torch.no_grad():
+        for n, p in second.named_parameters():
+            if p.requires_grad:
+                p.copy_(params[n])
+    opt2 = torch.optim.AdamW([p for p in second.parameters() if p.requires_grad], lr=1e-2)
+    opt2.load_state_dict(opt_state)
+    peftlab.controller(second).load_state_dict(ctl_state)
+    run(range(9, 20), second, opt2)
+    for (n, a), b in zip(full.named_parameters(), second.parameters()):
+        assert torch.equal(a, b), n
+    assert peftlab.controller(full).report() == peftlab.controller(second).report()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"total_step": None}, "adalora needs total_step"),
+    ({"total_step": 10, "tinit": 5, "tfinal": 5}, r"tinit=5 \+ tfinal=5 must be < total_step=10"),
+    ({"total_step": 10, "init_r": 4, "target_r": 6}, "target_r=6 must be between 1 and init_r=4"),
+])
+def test_inconsistent_schedules_are_errors_with_the_numbers(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        peftlab.get_config("adalora", **kwargs)
+
+
+def test_trainer_refuses_a_schedule_for_another_run_length(tmp_path):
+    from train_job import lm_dataset
+
+    model = adalora(total_step=50)
+    cfg = peftlab.TrainConfig(output_dir=str(tmp_path), max_steps=20, disable_tqdm=True)
+    with pytest.raises(ValueError, match="total_step=50 but training runs 20 optimizer steps"):
+        peftlab.Trainer(model, cfg, lm_dataset()).train()

@@ -1,0 +1,92 @@
+"""Oracles every method must pass, run over tests/cases.py (style-examples.md §e)."""
+import pytest
+import torch
+
+import peftlab
+
+from cases import CASES
+from conftest import randomize_adapters, tiny_gpt2, tiny_llama, tokens
+
+METHODS = sorted(CASES)
+
+
+def wrapped(name, factory=tiny_llama):
+    return peftlab.wrap(factory(), name, **CASES[name].config)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_identity_at_init(name):
+    if not CASES[name].identity_init:
+        pytest.skip("the method's init changes the output by design")
+    x = tokens()
+    assert torch.equal(wrapped(name)(x).logits, tiny_llama()(x).logits)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_branch_agrees_with_delta_weight(name):
+    model = wrapped(name)
+    randomize_adapters(model)
+    for layer in model.peftlab.layers.values():
+        layer.eval()
+        x = torch.randn(3, layer.in_features)
+        torch.testing.assert_close(layer.branch(x), x @ layer.delta_weight().t(), atol=CASES[name].atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["linear", "conv1d"])
+def test_merge_round_trip(name, factory):
+    model = wrapped(name, factory)
+    randomize_adapters(model)
+    x = tokens()
+    expected = model(x).logits
+    assert not torch.allclose(expected, factory()(x).logits, atol=1e-3)
+    for layer in model.peftlab.layers.values():
+        layer.merge()
+    torch.testing.assert_close(model(x).logits, expected, atol=CASES[name].atol, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="already merged"):
+        next(iter(model.peftlab.layers.values())).merge()
+    for layer in model.peftlab.layers.values():
+        layer.unmerge()
+    base = peftlab.unwrap(model).state_dict()
+    for key, value in factory().state_dict().items():
+        torch.testing.assert_close(base[key], value, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_one_step_changes_only_adapter_parameters(name):
+    model = wrapped(name)
+    adapter = {id(p) for layer in model.peftlab.layers.values() for p in layer.adapter_parameters().values()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == adapter
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    x = tokens()
+    model(x, labels=x).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    for n, p in model.named_parameters():
+        if id(p) not in adapter:
+            assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_save_load_round_trip(name, tmp_path):
+    model = wrapped(name)
+    randomize_adapters(model)
+    x = tokens()
+    expected = model(x).logits
+    peftlab.save_adapter(model, tmp_path)
+    loaded = peftlab.load_adapter(tiny_llama(), tmp_path)
+    assert type(loaded.peftlab.config) is type(model.peftlab.config)
+    torch.testing.assert_close(loaded(x).logits, expected, atol=CASES[name].atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_export_as_plain_lora_gives_identical_outputs_in_peft(name, tmp_path):
+    from peft import PeftModel
+
+    model = wrapped(name)
+    randomize_adapters(model)
+    x = tokens()
+    expected = model(x).logits
+    peftlab.io.export_lora(model, tmp_path)
+    theirs = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    torch.testing.assert_close(theirs(x).logits, expected, atol=CASES[name].atol, rtol=1e-4)
