@@ -76,14 +76,14 @@ def test_schedule_warms_up_then_decays():
     assert c(0) == 1.0 and abs(c(5) - 0.5) < 1e-9 and abs(c(10)) < 1e-12
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "increlora"])
 def test_interrupted_run_resumes_to_the_bitwise_same_adapter(method, tmp_path):
     job = [sys.executable, str(HERE / "train_job.py"), "--method", method, "--steps", "10"]
     subprocess.run(job + [str(tmp_path / "full")], check=True, env=ENV, capture_output=True)
     killed = subprocess.run(job + [str(tmp_path / "cut"), "--kill-at", "5"], env=ENV, capture_output=True)
     assert killed.returncode == -9  # SIGKILL after step 5: checkpoint-4 is the newest
     assert [p.name for p in checkpoints(tmp_path / "cut")] == ["checkpoint-2", "checkpoint-4"]
-    # the kill lands inside AdaLoRA's pruning phase (tinit=1, final phase from step 7): masks and EMAs must resume
+    # the kill lands while AdaLoRA prunes (steps 2-7) and IncreLoRA grows (steps 2-6): their state must resume
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
     resumed = subprocess.run(job + [str(tmp_path / "cut"), "--resume"], check=True, env=ENV, capture_output=True, text=True)
     assert "resumed from" in resumed.stdout and "checkpoint-4 at step 4" in resumed.stdout

@@ -48,20 +48,24 @@ class SVDLinear(AdapterLayer):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_E": self.lora_E, "lora_B": self.lora_B}
 
+    def singular_values(self) -> Tensor:
+        """E as the forward uses it (a masked AdaLoRA triplet may revive between masks: no mask here)."""
+        return self.lora_E
+
     def branch(self, x: Tensor) -> Tensor:
         h = self.dropout(x.to(self.lora_A.dtype))                          # (..., d_in)
-        return (h @ (self.lora_A * self.lora_E).t() @ self.lora_B.t()) * self.scale
+        return (h @ (self.lora_A * self.singular_values()).t() @ self.lora_B.t()) * self.scale
 
     def delta_weight(self) -> Tensor:
-        return (self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float())) * self.scale
+        return (self.lora_B.float() @ (self.lora_A.float() * self.singular_values().float())) * self.scale
 
     @torch.no_grad()
     def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
-        keep = self.lora_E[:, 0] != 0  # exact: a zero singular value contributes nothing
+        e = self.singular_values().float()
+        keep = e[:, 0] != 0  # exact: a zero singular value contributes nothing
         if rank is not None and rank < int(keep.sum()):
             return super().lora_factors(rank)
-        a = (self.lora_A.float() * self.lora_E.float())[keep] * self.scale
-        return a, self.lora_B.float()[:, keep]
+        return (self.lora_A.float() * e)[keep] * self.scale, self.lora_B.float()[:, keep]
 
     @torch.no_grad()
     def mask(self, active: Tensor) -> None:

@@ -1,0 +1,288 @@
+"""IncreLoRA (Zhang et al. 2023, arXiv:2308.12043): start small and grow the rank of the modules
+whose update matters most, until a global budget is reached. Behaviour follows the official code
+(spec §3), with a pre-allocated rank ceiling instead of new parameters mid-run.
+
+    ΔW = B (A ⊙ E) · α / (ranknum + 1e-5)       rows: [active | reserve | unused up to the ceiling]
+
+  * module score: Σ|ΔW ⊙ ∂L/∂ΔW| / √(d_out·d_in), smoothed like AdaLoRA's (Ī·Ū), spec §3.3;
+  * every `incre_interval` steps after `init_warmup`, the top-h modules activate their `rank_step`
+    reserve components and draw fresh reserves (§3.4); ranknum grows, so the scale α/ranknum
+    drops for that module, as in the official code (§3.1);
+  * "advance learning": reserves train A and B at a tiny E = 1e-5 before they are activated (§3.2);
+  * a component that joins training warms up its learning rate from zero (§3.7's restarted
+    warm-up), applied here by scaling its update during the first steps;
+  * rows never change shape, so the optimizer, DDP and checkpoints see fixed tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .adalora import SVDLinear, add_penalty_gradient, orthogonality_penalty
+from .base import AdapterConfig, AdapterLayer, Controller, opt
+from .registry import register
+
+RESERVE_E = 1e-5
+
+
+class IncreLoRALinear(SVDLinear):
+    def __init__(self, base_layer: nn.Module, config: "IncreLoRAConfig", name: str):
+        ceiling = config.max_rank + config.rank_step
+        ranknum = config.rank_pattern.get(name, config.init_r)
+        super().__init__(base_layer, ceiling, config.lora_alpha, ranknum, config.lora_dropout)
+        reserves = config.reserve_pattern.get(name, 0)
+        self.active.zero_()[:ranknum] = True
+        self.register_buffer("reserve", torch.zeros_like(self.active), persistent=False)
+        self.reserve[ranknum:ranknum + reserves] = True
+        self.scoring = False
+        self.score = torch.zeros((), device=self.active.device)
+
+    @property
+    def live(self) -> Tensor:
+        return self.active | self.reserve
+
+    def singular_values(self) -> Tensor:
+        return self.lora_E * self.live[:, None]  # rows above the live ones are unused capacity
+
+    def branch(self, x: Tensor) -> Tensor:
+        if not (self.scoring and torch.is_grad_enabled()):
+            return super().branch(x)
+        # the module score needs ∂L/∂ΔW, so while growing ΔW is formed explicitly (spec §3.3)
+        delta = self.delta_weight().to(self.lora_A.dtype)                  # (d_out, d_in)
+        delta.register_hook(lambda grad: self._record_score(delta.detach(), grad))
+        return self.dropout(x.to(delta.dtype)) @ delta.t()
+
+    def _record_score(self, delta: Tensor, grad: Tensor) -> None:
+        self.score = (delta * grad).abs().sum().float() / math.sqrt(delta.numel())
+
+    def peft_state(self) -> dict[str, Tensor]:
+        rows = self.live  # a prefix: active components first, then reserves
+        return {"lora_A": self.lora_A.detach()[rows], "lora_E": self.lora_E.detach()[rows],
+                "lora_B": self.lora_B.detach()[:, rows]}
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, Tensor]) -> None:
+        rows = self.live
+        self.lora_E.zero_()
+        self.lora_A[rows], self.lora_E[rows], self.lora_B[:, rows] = state["lora_A"], state["lora_E"], state["lora_B"]
+
+
+class IncreLoRAController(Controller):
+    def __init__(self, model: nn.Module, config: "IncreLoRAConfig", layers: dict[str, IncreLoRALinear]):
+        super().__init__(model, config, layers)
+        n = len(layers)
+        self.target_total = config.target_r * n
+        self.top_h = config.top_h or max(1, math.ceil(n / 4))
+        rounds = math.ceil(max(0, self.target_total - config.init_r * n) / (self.top_h * config.rank_step))
+        self.init_warmup = config.init_warmup if config.init_warmup is not None else int(0.1 * config.total_step)
+        # by default growth ends at about 60% of training, leaving time to train the final ranks
+        default_interval = max(1, int(0.5 * config.total_step) // max(rounds, 1))
+        self.interval = config.incre_interval or default_interval
+        self.component_warmup = config.component_warmup if config.component_warmup is not None else self.interval
+        rows = config.max_rank + config.rank_step
+        self.ema = {name: torch.zeros(2) for name in layers}                # (Ī, Ū) per module
+        self.e_born = {name: torch.full((rows,), -1) for name in layers}    # step each E row joined training
+        self.ab_born = {name: torch.full((rows,), -1) for name in layers}   # same for the A, B rows
+        self.completed = sum(layer.rank for layer in layers.values()) >= self.target_total
+        self.snapshot: dict[str, dict[str, Tensor]] = {}
+        self._set_scoring(not self.completed)
+
+    def _set_scoring(self, on: bool) -> None:
+        for layer in self.layers.values():
+            layer.scoring = on
+
+    @property
+    def total_rank(self) -> int:
+        return sum(layer.rank for layer in self.layers.values())
+
+    def expect_total_steps(self, total_steps: int) -> None:
+        if total_steps != self.config.total_step:
+            raise ValueError(f"increlora total_step={self.config.total_step} but training runs {total_steps} "
+                             f"optimizer steps; set total_step={total_steps}")
+
+    @torch.no_grad()
+    def _add_reserves(self, name: str, count: int, step: int) -> None:
+        """Draw `count` fresh reserve components after the module's live rows (up to its ceiling)."""
+        layer = self.layers[name]
+        start = int(layer.live.sum())
+        rows = torch.arange(start, min(start + count, layer.active.numel()), device=layer.active.device)
+        layer.lora_A[rows] = torch.randn(len(rows), layer.in_features, device=rows.device) * 0.02
+        layer.lora_B[:, rows] = torch.randn(layer.out_features, len(rows), device=rows.device) * 0.02
+        layer.lora_E[rows] = RESERVE_E if self.config.advance_learn else 0.0
+        layer.reserve[rows] = True
+        if self.config.advance_learn:
+            self.ab_born[name][rows.cpu()] = step
+
+    @torch.no_grad()
+    def _grow(self, step: int) -> None:
+        """Activate the reserves of the top-h modules by S = Ī·Ū, never past the budget (§3.4).
+
+        The official code can overshoot when rank_step > 1 (it caps modules, not ranks); here the
+        last round activates only what the budget has left, so the total ends exactly on target.
+        """
+        scores = {name: float(ema[0] * ema[1]) for name, ema in self.ema.items()}
+        left = self.target_total - self.total_rank
+        eligible = [n for n in sorted(scores, key=scores.get, reverse=True) if self.layers[n].reserve.any()]
+        for name in eligible[:self.top_h]:
+            if left <= 0:
+                break
+            layer = self.layers[name]
+            grow = torch.nonzero(layer.reserve)[:, 0][:min(self.config.rank_step, left)]
+            layer.reserve[grow] = False
+            layer.active[grow] = True
+            layer.ranknum = float(layer.rank)
+            self.e_born[name][grow.cpu()] = step
+            if not self.config.advance_learn:
+                self.ab_born[name][grow.cpu()] = step
+            left -= len(grow)
+            self._add_reserves(name, len(grow), step)
+        if self.total_rank >= self.target_total:
+            self._complete()
+
+    @torch.no_grad()
+    def _complete(self) -> None:
+        """Budget reached: retire the reserves and stop scoring."""
+        for layer in self.layers.values():
+            layer.lora_E[layer.reserve] = 0.0
+            layer.reserve.zero_()
+        self.completed = True
+        self._set_scoring(False)
+
+    def before_optimizer_step(self, step: int) -> None:
+        cfg = self.config
+        if step == 0 and not self.completed:
+            for name in self.layers:
+                self._add_reserves(name, cfg.rank_step, step)
+        if cfg.orth_reg_weight > 0:  # over every live component, reserves included (§3.6)
+            layers = [l for l in self.layers.values() if l.live.any()]
+            with torch.enable_grad():
+                penalty = cfg.orth_reg_weight * orthogonality_penalty(
+                    [(l.lora_A[l.live], l.lora_B[:, l.live]) for l in layers])
+            add_penalty_gradient(penalty, [p for l in layers for p in (l.lora_A, l.lora_B)])
+        if not self.completed:
+            scores = torch.stack([layer.score for layer in self.layers.values()])
+            if dist.is_available() and dist.is_initialized():  # ΔW is no parameter: its gradient is local
+                dist.all_reduce(scores)
+                scores /= dist.get_world_size()
+            for ema, score in zip(self.ema.values(), scores):
+                ema[0] = cfg.beta1 * ema[0] + (1 - cfg.beta1) * score
+                ema[1] = cfg.beta2 * ema[1] + (1 - cfg.beta2) * (score - ema[0]).abs()
+            if step > self.init_warmup and step % self.interval == 0:
+                self._grow(step)
+        for name, layer in self.layers.items():
+            # only rows in training move; a row that joined at this step starts at the next (§3.4)
+            device = layer.active.device
+            train_ab = (layer.active | (layer.reserve & cfg.advance_learn)) & (self.ab_born[name] != step).to(device)
+            train_e = layer.active & (self.e_born[name] != step).to(device)
+            for grad, rows in ((layer.lora_A.grad, train_ab), (layer.lora_E.grad, train_e)):
+                if grad is not None:
+                    grad[~rows] = 0
+            if layer.lora_B.grad is not None:
+                layer.lora_B.grad[:, ~train_ab] = 0
+        self.snapshot = {name: {k: p.detach().clone() for k, p in layer.adapter_parameters().items()}
+                         for name, layer in self.layers.items() if self._warming_up(name, step)}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        for name, layer in self.layers.items():
+            before = self.snapshot.get(name)
+            if before is not None:  # restarted warm-up: young rows take a fraction of their update
+                for key, born in (("lora_A", self.ab_born[name]), ("lora_E", self.e_born[name]),
+                                  ("lora_B", self.ab_born[name])):
+                    factor = self._warmup_factor(born, step).to(layer.lora_A.device)
+                    p, old = layer.adapter_parameters()[key], before[key]
+                    f = factor[None, :] if key == "lora_B" else factor[:, None]
+                    p.copy_(old + f * (p - old))
+            layer.lora_E[layer.reserve] = RESERVE_E if self.config.advance_learn else 0.0
+            layer.lora_E[~layer.live] = 0.0
+        self.snapshot = {}
+
+    def _warming_up(self, name: str, step: int) -> bool:
+        return any(((born >= 0) & (step - born < self.component_warmup)).any()
+                   for born in (self.e_born[name], self.ab_born[name]))
+
+    def _warmup_factor(self, born: Tensor, step: int) -> Tensor:
+        age = (step - born).float()
+        factor = ((age + 1) / (self.component_warmup + 1)).clamp(max=1.0)
+        return torch.where((born < 0) | (age >= self.component_warmup), torch.ones_like(factor), factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"completed": torch.tensor(self.completed)}
+        for name, layer in self.layers.items():
+            state.update({f"ema.{name}": self.ema[name].clone(), f"e_born.{name}": self.e_born[name].clone(),
+                          f"ab_born.{name}": self.ab_born[name].clone(), f"active.{name}": layer.active.clone(),
+                          f"reserve.{name}": layer.reserve.clone(), f"score.{name}": layer.score.clone()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"increlora controller state does not fit this model: "
+                             f"missing {sorted(expected - set(state))[:4]}, unexpected {sorted(set(state) - expected)[:4]}")
+        for name, layer in self.layers.items():
+            self.ema[name].copy_(state[f"ema.{name}"])
+            self.e_born[name].copy_(state[f"e_born.{name}"])
+            self.ab_born[name].copy_(state[f"ab_born.{name}"])
+            layer.active.copy_(state[f"active.{name}"])
+            layer.reserve.copy_(state[f"reserve.{name}"])
+            layer.score = state[f"score.{name}"].clone()
+            layer.ranknum = float(layer.rank)
+        self.completed = bool(state["completed"])
+        self._set_scoring(not self.completed)
+
+    def report(self) -> dict[str, Any]:
+        ranks = {name: layer.rank for name, layer in self.layers.items()}
+        return {"budget": sum(ranks.values()), "target_budget": self.target_total, "ranks": ranks}
+
+
+@register("increlora", layer=IncreLoRALinear, controller=IncreLoRAController, peft_type="PEFTLAB_INCRELORA")
+@dataclass(frozen=True, kw_only=True)
+class IncreLoRAConfig(AdapterConfig):
+    """IncreLoRA, Zhang et al. 2023 (arXiv:2308.12043): importance-driven rank growth."""
+
+    total_step: int | None = opt(None, "optimizer steps of the whole run (required: growth is laid out over it)")
+    init_r: int = opt(2, "rank every module starts with")
+    target_r: int = opt(8, "average rank the global budget grows to (total = target_r x modules)")
+    rank_step: int | None = opt(None, "components a module gains per growth (incre_rank_num); default target_r // 2")
+    top_h: int | None = opt(None, "modules that grow per round; default a quarter of the modules")
+    init_warmup: int | None = opt(None, "steps before the first growth; default 10% of total_step")
+    incre_interval: int | None = opt(None, "steps between growth rounds; default: growth ends near 60% of training")
+    max_rank: int | None = opt(None, "rank ceiling of a module (pre-allocated); default 3 x target_r")
+    component_warmup: int | None = opt(None, "learning-rate warm-up steps of a new component; default incre_interval")
+    advance_learn: bool = opt(True, "train reserve components (at E = 1e-5) before they are activated")
+    orth_reg_weight: float = opt(0.1, "γ of the orthogonality regularizer over active and reserve components")
+    beta1: float = opt(0.85, "EMA factor of the module score")
+    beta2: float = opt(0.85, "EMA factor of the score's uncertainty")
+    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / ranknum (the live rank)")
+    lora_dropout: float = opt(0.0, "dropout on the adapter branch's input")
+    rank_pattern: dict[str, int] = opt({}, "live rank per module (written on save, read on load)")
+    reserve_pattern: dict[str, int] = opt({}, "reserve components per module (written on save, read on load)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.total_step is None or self.total_step < 1:
+            raise ValueError(f"increlora needs total_step, the number of optimizer steps of the run (got {self.total_step!r})")
+        rank_step = self.rank_step or max(1, self.target_r // 2)
+        object.__setattr__(self, "rank_step", rank_step)
+        object.__setattr__(self, "max_rank", self.max_rank or 3 * self.target_r)
+        if not 1 <= self.init_r <= self.target_r <= self.max_rank:
+            raise ValueError(f"increlora needs 1 <= init_r={self.init_r} <= target_r={self.target_r} "
+                             f"<= max_rank={self.max_rank}")
+        for name in ("top_h", "incre_interval"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"increlora {name} must be >= 1, got {getattr(self, name)}")
+        if rank_step < 1 or not (0 < self.beta1 < 1 and 0 < self.beta2 < 1) or self.orth_reg_weight < 0:
+            raise ValueError("increlora needs rank_step >= 1, beta1 and beta2 in (0, 1), orth_reg_weight >= 0")
+        if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("increlora needs lora_alpha > 0 and lora_dropout in [0, 1)")
+
+    def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+        fields = super().peft_fields(layers)
+        fields["rank_pattern"] = {name: layer.rank for name, layer in layers.items()}
+        fields["reserve_pattern"] = {name: int(layer.reserve.sum()) for name, layer in layers.items()}
+        return fields
