@@ -111,7 +111,8 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike) -> Path:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _write_json(out / CONFIG_NAME, adapter_config_dict(model))
-    _write_json(out / PEFTLAB_NAME, {"format_version": FORMAT_VERSION, "method": state.method.name})
+    _write_json(out / PEFTLAB_NAME, {"format_version": FORMAT_VERSION, "method": state.method.name,
+                                     "fields": state.config.peftlab_fields()})
     return out
 
 
@@ -134,8 +135,10 @@ def _method_for(saved: dict[str, Any], sidecar: dict[str, Any] | None, path: Pat
                 f"({FORMAT_VERSION}); upgrade peftlab (pip install -U peftlab)"
             )
         return get_method(sidecar["method"])
+    # without peftlab.json, a file's peft_type names its method: LORA -> lora, PEFTLAB_SARA -> sara
     peft_type = str(saved.get("peft_type", ""))
-    by_type = {get_method(n).peft_type: get_method(n) for n in reversed(list_adapters())}
+    by_type = {get_method(n).peft_type: get_method(n) for n in list_adapters()
+               if get_method(n).peft_type.lower().removeprefix("peftlab_") == n}
     if peft_type not in by_type:
         raise ValueError(
             f"{path / CONFIG_NAME} has peft_type={peft_type!r}; peftlab reads {sorted(by_type)}. "
@@ -162,14 +165,14 @@ def read_config(path: str | os.PathLike):
             f"{path / CONFIG_NAME} turns on PEFT features peftlab does not implement: "
             f"{', '.join(f'{k}={saved[k]!r}' for k in risky)}. Load it with peft.PeftModel.from_pretrained instead"
         )
-    kwargs = method.config.from_peft_fields(saved)
+    kwargs = {**method.config.from_peft_fields(saved), **(sidecar or {}).get("fields", {})}
     for key in _TARGETING:
         value = saved.get(key)
         if isinstance(value, list):
             value = tuple(value)
         if value is not None or key == "modules_to_save":
             kwargs[key] = value if value is not None else ()
-    unknown = sorted(set(saved) - set(kwargs) - _PEFT_METADATA - _PEFT_UNSUPPORTED - set(_TARGETING))
+    unknown = sorted(set(saved) - method.config.peft_keys() - _PEFT_METADATA - _PEFT_UNSUPPORTED - set(_TARGETING))
     if unknown:
         warnings.warn(f"{path / CONFIG_NAME}: ignoring keys peftlab does not know: {', '.join(unknown)}", stacklevel=3)
     return method, method.config(**kwargs)

@@ -14,4 +14,5 @@ CASES = {
     "lora": Case({"r": 4}),
     "adalora": Case({"total_step": 20, "init_r": 6, "target_r": 2}),
     "increlora": Case({"total_step": 20, "init_r": 2, "target_r": 4}),
+    "allora": Case({"r": 4}),
 }

@@ -69,10 +69,19 @@ class AdapterConfig:
         `layers` lets a method record per-module state such as live ranks."""
         return {k: v for k, v in self.to_dict().items() if k not in _TARGETING}
 
+    def peftlab_fields(self) -> dict[str, Any]:
+        """Hyperparameters the PEFT format has no key for; io keeps them in peftlab.json."""
+        return {}
+
+    @classmethod
+    def peft_keys(cls) -> set[str]:
+        """The adapter_config.json keys this method reads (io warns about the others it does not know)."""
+        return {f.name for f in fields(cls)} - _TARGETING
+
     @classmethod
     def from_peft_fields(cls, saved: dict[str, Any]) -> dict[str, Any]:
-        """Constructor arguments from an adapter_config.json; unknown keys are dropped by io."""
-        return {k: v for k, v in saved.items() if k in {f.name for f in fields(cls)} - _TARGETING}
+        """Constructor arguments from an adapter_config.json."""
+        return {k: v for k, v in saved.items() if k in cls.peft_keys()}
 
 
 _TARGETING = {"target_modules", "exclude_modules", "modules_to_save"}

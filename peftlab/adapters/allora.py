@@ -1,0 +1,117 @@
+"""ALLoRA (Huang & Balestriero 2024, arXiv:2410.09692): LoRA without dropout and without the α/r
+scale, whose factor gradients are scaled per output row by an adaptive coefficient
+
+    c_i = 1 / sqrt(‖(BA)_i‖₂ + 1/η²)         (row norm of the product, not squared; spec §A4)
+
+so that rows still at zero escape fast (c = η) and grown rows move carefully. Only ∂L/∂A and
+∂L/∂B see c; the gradient passed to the layer below is the plain one. Saved and merged as a plain
+LoRA with scale 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdapterConfig, AdapterLayer, opt
+from .registry import register
+
+
+def row_coefficients(a: Tensor, b: Tensor, inv_eta_sq: float) -> Tensor:
+    """c_i for every output row, from ρ_i² = b_iᵀ (A Aᵀ) b_i: O(r²(d_in + d_out)), not a dense BA."""
+    a, b = a.detach().float(), b.detach().float()
+    rho_sq = ((b @ (a @ a.t())) * b).sum(1).clamp_min(0)   # (d_out,)
+    return (rho_sq.sqrt() + inv_eta_sq).rsqrt()
+
+
+class ALLoRABranch(torch.autograd.Function):
+    """y = (x Aᵀ) Bᵀ; backward scales the output-gradient columns by c for the A and B gradients only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, inv_eta_sq: float) -> Tensor:
+        c = row_coefficients(a, b, inv_eta_sq).to(x.dtype)  # a constant: no gradient flows through c
+        ctx.save_for_backward(x, a, b, c)
+        return (x @ a.t()) @ b.t()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, a, b, c = ctx.saved_tensors
+        grad_x = (grad_out @ b) @ a if ctx.needs_input_grad[0] else None   # unscaled
+        g = (grad_out * c).reshape(-1, b.shape[0])                           # (T, d_out), columns scaled
+        h = x.reshape(-1, a.shape[1])                                         # (T, d_in)
+        grad_b = g.t() @ (h @ a.t())                                          # (d_out, r) = diag(c) Gᵀ X Aᵀ
+        grad_a = (g @ b).t() @ h                                              # (r, d_in)  = Bᵀ diag(c) Gᵀ X
+        return grad_x, grad_a, grad_b, None
+
+
+class ALLoRALinear(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, config: "ALLoRAConfig", name: str):
+        super().__init__(base_layer)
+        device = next(base_layer.parameters()).device
+        self.r, self.inv_eta_sq = config.r, 1.0 / config.eta ** 2
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))   # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))  # (d_out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0 (spec §A3)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def branch(self, x: Tensor) -> Tensor:
+        return ALLoRABranch.apply(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.inv_eta_sq)
+
+    def delta_weight(self) -> Tensor:
+        return self.lora_B.float() @ self.lora_A.float()
+
+    def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
+        if rank is not None and rank < self.r:
+            return super().lora_factors(rank)
+        return self.lora_A.detach().float(), self.lora_B.detach().float()
+
+    def peft_state(self) -> dict[str, Tensor]:
+        return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, Tensor]) -> None:
+        self.lora_A.copy_(state["lora_A.weight"])
+        self.lora_B.copy_(state["lora_B.weight"])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, eta={self.inv_eta_sq ** -0.5:g}"
+
+
+@register("allora", layer=ALLoRALinear, peft_type="LORA")
+@dataclass(frozen=True, kw_only=True)
+class ALLoRAConfig(AdapterConfig):
+    """ALLoRA, Huang & Balestriero 2024 (arXiv:2410.09692): adaptive per-row gradient scaling."""
+
+    r: int = opt(8, "rank of the update")
+    eta: float = opt(2.0, "the row coefficient's ceiling η (the paper's listing uses η² = 4)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"allora r must be an integer >= 1, got {self.r!r}")
+        if not self.eta > 0:
+            raise ValueError(f"allora eta must be > 0, got {self.eta!r}")
+
+    def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+        # a plain PEFT LoRA with lora_alpha = r, i.e. scale 1, and no dropout
+        return {"r": self.r, "lora_alpha": self.r, "lora_dropout": 0.0, "use_rslora": False, "bias": "none",
+                "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+
+    def peftlab_fields(self) -> dict[str, Any]:
+        return {"eta": self.eta}
+
+    @classmethod
+    def peft_keys(cls) -> set[str]:
+        return {"r", "lora_alpha", "lora_dropout", "rank_pattern"}
+
+    @classmethod
+    def from_peft_fields(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        if saved.get("lora_alpha") != saved.get("r") or saved.get("lora_dropout", 0.0) or saved.get("rank_pattern"):
+            raise ValueError("an ALLoRA adapter is a plain LoRA with lora_alpha == r, no dropout, one rank; "
+                             "this file is not one (load it as 'lora')")
+        return {"r": saved["r"]}
