@@ -20,15 +20,17 @@ def is_adaptable(module: nn.Module) -> bool:
 
 
 def base_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a wrappable module."""
+    """(d_in, d_out) of a wrappable module; a Conv2d's d_in is in_channels/groups x kernel area."""
     if isinstance(module, Conv1D):
         d_in, d_out = module.weight.shape
         return d_in, d_out
     if isinstance(module, nn.Linear) or is_4bit(module):
         return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.weight[0].numel(), module.out_channels
     raise TypeError(
-        f"cannot wrap {type(module).__name__}: peftlab adapts nn.Linear, transformers' Conv1D and "
-        "bitsandbytes' Linear4bit"
+        f"cannot wrap {type(module).__name__}: peftlab adapts nn.Linear, transformers' Conv1D, "
+        "bitsandbytes' Linear4bit (and nn.Conv2d with sara)"
     )
 
 
@@ -64,7 +66,7 @@ def base_weight(module: nn.Module) -> Tensor:
         return dequantize(module)
     if isinstance(module, Conv1D):
         return module.weight.detach().float().t().clone()
-    return module.weight.detach().float().clone()
+    return module.weight.detach().float().reshape(module.weight.shape[0], -1).clone()  # Conv2d: (out, in*kh*kw)
 
 
 @torch.no_grad()
@@ -73,7 +75,7 @@ def set_base_weight(module: nn.Module, weight: Tensor) -> None:
     if is_4bit(module):
         raise RuntimeError("a 4-bit weight is never overwritten in place; see peftlab.merge")
     target = module.weight
-    target.copy_((weight.t() if isinstance(module, Conv1D) else weight).to(target.dtype))
+    target.copy_((weight.t() if isinstance(module, Conv1D) else weight).reshape(target.shape).to(target.dtype))
 
 
 @torch.no_grad()

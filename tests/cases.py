@@ -8,6 +8,7 @@ class Case:
     config: dict = field(default_factory=dict)
     identity_init: bool = True   # wrapped == base before training
     atol: float = 1e-5
+    export_rank: int | None = None  # full-rank methods export by SVD; at full rank it is exact
 
 
 CASES = {
@@ -15,4 +16,5 @@ CASES = {
     "adalora": Case({"total_step": 20, "init_r": 6, "target_r": 2}),
     "increlora": Case({"total_step": 20, "init_r": 2, "target_r": 4}),
     "allora": Case({"r": 4}),
+    "sara": Case({"total_step": 20, "target_fraction": 0.1}, export_rank=64),
 }

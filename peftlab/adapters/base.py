@@ -112,6 +112,11 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.enabled = True
 
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        """Whether this method can wrap `module` (Linear, GPT-2 Conv1D and 4-bit Linear by default)."""
+        return quant.is_adaptable(module)
+
     # --- implemented by each method ---
     def branch(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -203,6 +208,7 @@ class Controller:
         self.model = model
         self.config = config
         self.layers = layers  # module name -> wrapper, in model order
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def prepare(self, model: nn.Module, batches: Iterable[dict[str, Tensor]] | None = None) -> None:
         """One-off work after wrapping, before the optimizer exists; consumes no optimizer step."""
@@ -210,6 +216,10 @@ class Controller:
     def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "lr": base_lr}]
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Front ends hand over the optimizer once it exists (SaRA resets state when it re-selects)."""
+        self.optimizer = optimizer
 
     def expect_total_steps(self, total_steps: int) -> None:
         """Front ends announce how many optimizer steps they will run; a schedule that disagrees raises."""

@@ -60,7 +60,7 @@ def default_modules_to_save(model: nn.Module) -> tuple[str, ...]:
     return tuple(n for n in ("classifier", "score") if n in names)
 
 
-def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+def find_targets(model: nn.Module, config: AdapterConfig, layer: type[AdapterLayer] = AdapterLayer) -> list[str]:
     """Names of the modules `config` selects, in model order; an error if none match."""
     saved = set(config.modules_to_save or ())
     heads = output_head_names(model) if config.target_modules == ALL_LINEAR else set()
@@ -75,7 +75,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         if selected and config.exclude_modules and matches(config.exclude_modules, name):
             continue
         if selected:
-            if not quant.is_adaptable(module):
+            if not layer.supports(module):
                 rejected.append(f"{name} ({type(module).__name__})")
                 continue
             targets.append(name)
@@ -83,9 +83,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         raise TypeError(
             f"target_modules={config.target_modules!r} selects modules peftlab cannot adapt: "
             f"{', '.join(rejected[:5])}. Adaptable kinds: nn.Linear, GPT-2 Conv1D, bitsandbytes Linear4bit"
+            " (and nn.Conv2d with sara)"
         )
     if not targets:
-        examples = [n for n, m in model.named_modules() if quant.is_adaptable(m)][:8]
+        examples = [n for n, m in model.named_modules() if n and layer.supports(m)][:8]
         raise ValueError(
             f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
             f"matches no adaptable module. Some that exist: {', '.join(examples) or '(none)'}"
@@ -123,7 +124,7 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
     if missing:
         raise ValueError(f"modules_to_save names modules that do not exist: {missing}")
     config = _with_modules_to_save(config, tuple(saved))
-    targets = find_targets(model, config)
+    targets = find_targets(model, config, method.layer)
 
     model.requires_grad_(False)
     layers = {}

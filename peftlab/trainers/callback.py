@@ -40,6 +40,8 @@ class PeftlabCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self.controller.expect_total_steps(state.max_steps)
+        if kwargs.get("optimizer") is not None:
+            self.controller.bind_optimizer(kwargs["optimizer"])
         if state.global_step > 0:  # resuming: the Trainer already restored weights and optimizer
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
             if not path.is_file():

@@ -107,6 +107,7 @@ class Trainer:
             self.controller.prepare(model, self._prepare_batches())
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._optimizer()
+        self.controller.bind_optimizer(optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_scheduler_type, cfg.warmup(total), total))
         step, micro = 0, 0

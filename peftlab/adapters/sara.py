@@ -1,0 +1,285 @@
+"""SaRA (Hu et al., ICLR 2025, arXiv:2409.06633): train the base weights' own smallest entries.
+
+    selected:  |W0| < θ   (one global threshold over every targeted layer; strict "<")
+    forward:   W_eff = W0 with W_eff[idx] = values;  y = base_op(x, W_eff)
+    loss:      + λ ‖W ⊙ M‖_*  on one random eligible matrix per step (its gradient U Vᵀ at idx)
+    at T_p:    keep only the entries still below θ; the others freeze at their trained values
+
+The trainable state is `values` (one entry per selected weight) plus their indices: no dense
+mask, and no dense gradient outlives the backward of its layer. The dense W_eff is rebuilt in
+backward rather than kept. Spec: specs/allora-sara.md, part B (whose official-code bugs B12 are
+not reproduced: the rank loss acts, values are written signed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .. import quant
+from .base import AdapterConfig, AdapterLayer, Controller, opt
+from .registry import register
+
+RANK_MIN_DIM, RANK_MIN_NNZ = 64, 100  # the official eligibility for the nuclear-norm loss
+
+
+class SparseUpdate(torch.autograd.Function):
+    """y = base_op(x, W0 with [idx] = values); ∂L/∂values = (∂L/∂W)[idx]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, layer: "SaRALayer") -> Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, values)
+        return layer.base_op(x, layer.live_weight(values, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, values = ctx.saved_tensors
+        layer = ctx.layer
+        weight = layer.live_weight(values, x.dtype)  # rebuilt: no dense weight kept across the step
+        grad_x, grad_w = layer.base_grads(x, weight, grad_out, ctx.needs_input_grad[0])
+        grad_values = grad_w.reshape(-1)[layer.idx].to(values.dtype)  # the dense gradient dies here
+        grad_values[layer.frozen] = 0
+        return grad_x, grad_values, None
+
+
+class SaRALayer(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, config: "SaRAConfig", name: str):
+        super().__init__(base_layer)
+        if isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
+            raise ValueError(f"sara supports Conv2d with padding_mode='zeros', {name} uses {base_layer.padding_mode!r}")
+        count = config.selected_counts.get(name, 0)  # a saved adapter says how many; a fresh one selects later
+        weight = self.base_weight()
+        self.weight_shape, device = weight.shape, weight.device
+        self.register_buffer("idx", torch.zeros(count, dtype=torch.long, device=device))
+        self.register_buffer("base_values", torch.zeros(count, device=device))    # W0 at idx
+        self.register_buffer("frozen", torch.zeros(count, dtype=torch.bool, device=device))
+        self.register_buffer("frozen_values", torch.zeros(0, device=device))     # set by re-selection
+        self.values = nn.Parameter(torch.zeros(count, device=device))
+        self.threshold = config.threshold
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return quant.is_adaptable(module) or isinstance(module, nn.Conv2d)
+
+    # --- the base operation with an explicit weight, in the base's own layout ---
+    def base_weight(self) -> Tensor:
+        """W0 in the base module's storage layout (float32 copy for a 4-bit base)."""
+        return quant.dequantize(self.base_layer) if quant.is_4bit(self.base_layer) else self.base_layer.weight
+
+    def live_weight(self, values: Tensor, dtype: torch.dtype) -> Tensor:
+        weight = self.base_weight().to(dtype=dtype, copy=True)
+        if len(self.frozen_values):
+            values = torch.where(self.frozen, self.frozen_values, values)
+        weight.view(-1)[self.idx] = values.to(dtype)
+        return weight
+
+    def base_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        base, bias = self.base_layer, self.base_layer.bias
+        if isinstance(base, nn.Conv2d):
+            return base._conv_forward(x, weight, bias)
+        if isinstance(base, Conv1D):  # y = x W + b with W stored (d_in, d_out), as Conv1D computes it
+            out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+            return out.view(*x.shape[:-1], weight.shape[1])
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+    def base_grads(self, x: Tensor, weight: Tensor, grad_out: Tensor, need_x: bool) -> tuple[Tensor | None, Tensor]:
+        base = self.base_layer
+        if isinstance(base, nn.Conv2d):
+            args = (base.stride, base.padding, base.dilation, base.groups)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, *args) if need_x else None
+            return grad_x, torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, *args)
+        g, h = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        if isinstance(base, Conv1D):
+            return (grad_out @ weight.t() if need_x else None), h.t() @ g   # weight (d_in, d_out)
+        return (grad_out @ weight if need_x else None), g.t() @ h           # weight (d_out, d_in)
+
+    # --- selection ---
+    @torch.no_grad()
+    def select(self, threshold: float) -> None:
+        """Train every entry with |W0| < threshold (compared in the weight's dtype)."""
+        flat = self.base_weight().detach().reshape(-1)
+        self.idx = torch.nonzero(flat.abs() < threshold)[:, 0]
+        self.base_values = flat[self.idx].float()
+        self.frozen = torch.zeros_like(self.idx, dtype=torch.bool)
+        self.values = nn.Parameter(self.base_values.clone())
+        self.threshold = threshold
+
+    @torch.no_grad()
+    def reselect(self) -> int:
+        """Progressive adjustment (§B6): entries that grew past θ freeze at their trained values."""
+        current = self.effective_values()
+        self.frozen |= current.abs() >= self.threshold
+        self.frozen_values = current.clone()
+        return int((~self.frozen).sum())
+
+    def effective_values(self) -> Tensor:
+        values = self.values.detach()
+        return torch.where(self.frozen, self.frozen_values, values) if len(self.frozen_values) else values
+
+    # --- the adapter contract ---
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or not self.enabled:
+            return self.base_layer(x)
+        return SparseUpdate.apply(x, self.values, self)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"values": self.values}
+
+    def delta_weight(self) -> Tensor:
+        delta = torch.zeros(self.weight_shape, device=self.idx.device)
+        delta.view(-1)[self.idx] = self.effective_values().float() - self.base_values
+        if isinstance(self.base_layer, Conv1D):
+            return delta.t()
+        return delta.reshape(delta.shape[0], -1)  # (d_out, d_in); a Conv2d kernel flattened
+
+    def branch(self, x: Tensor) -> Tensor:
+        """The update's own contribution, x ΔWᵀ (a dense reference for tests; forward fuses it)."""
+        return x @ self.delta_weight().t()
+
+    def peft_state(self) -> dict[str, Tensor]:
+        return {"sara_idx": self.idx, "sara_delta": self.effective_values().float() - self.base_values,
+                "sara_frozen": self.frozen.to(torch.uint8)}
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, Tensor]) -> None:
+        self.idx.copy_(state["sara_idx"])
+        self.base_values.copy_(self.base_weight().detach().reshape(-1)[self.idx].float())
+        self.values.copy_(self.base_values + state["sara_delta"])
+        self.frozen.copy_(state["sara_frozen"].bool())
+        self.frozen_values = self.values.detach().clone() if self.frozen.any() else self.frozen_values[:0]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, selected={len(self.idx)}, trainable={int((~self.frozen).sum())}"
+
+
+def global_threshold(layers: list[SaRALayer], fraction: float) -> float:
+    """θ such that a `fraction` of all targeted weights has |w| < θ (bisection; no giant concat)."""
+    weights = [layer.base_weight().detach().abs().reshape(-1) for layer in layers]
+    target = fraction * sum(w.numel() for w in weights)
+    low, high = 0.0, max(float(w.max()) for w in weights) * 2 + 1e-12
+    for _ in range(60):
+        mid = (low + high) / 2
+        if sum(int((w < mid).sum()) for w in weights) < target:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+class SaRAController(Controller):
+    def __init__(self, model: nn.Module, config: "SaRAConfig", layers: dict[str, SaRALayer]):
+        super().__init__(model, config, layers)
+        if not config.selected_counts:  # a fresh wrap: choose the entries (a loaded adapter brings its own)
+            threshold = config.threshold
+            if threshold is None:
+                threshold = global_threshold(list(layers.values()), config.target_fraction)
+            for layer in layers.values():
+                layer.select(threshold)
+        self.progressive_step = config.progressive_step or config.total_step // 2
+        self.reselected = False
+        self.nuclear_norm = 0.0
+
+    def expect_total_steps(self, total_steps: int) -> None:
+        if total_steps != self.config.total_step:
+            raise ValueError(f"sara total_step={self.config.total_step} but training runs {total_steps} optimizer "
+                             f"steps; set total_step={total_steps} (re-selection happens at half of it)")
+
+    def eligible(self) -> list[str]:
+        return [name for name, layer in self.layers.items()
+                if len(layer.weight_shape) == 2 and min(layer.weight_shape) > RANK_MIN_DIM
+                and int((~layer.frozen).sum()) > RANK_MIN_NNZ]
+
+    @torch.no_grad()
+    def before_optimizer_step(self, step: int) -> None:
+        if step == 0 and not self.reselected and self.optimizer is None:
+            raise RuntimeError(
+                "sara's progressive re-selection resets the optimizer state of the re-selected entries, so it "
+                "needs the optimizer: call peftlab.controller(model).bind_optimizer(optimizer) after building it "
+                "(peftlab.Trainer and PeftlabCallback do this)")
+        candidates = self.eligible()
+        if self.config.lambda_rank <= 0 or not candidates:
+            return
+        # one matrix per step, as the official code; drawn from the step number so every process agrees
+        pick = int(torch.randint(len(candidates), (1,), generator=torch.Generator().manual_seed(step)))
+        layer = self.layers[candidates[pick]]
+        live = ~layer.frozen
+        matrix = torch.zeros(layer.weight_shape, device=layer.idx.device)
+        matrix.view(-1)[layer.idx[live]] = layer.values.detach()[live].float()
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        grad = self.config.lambda_rank * (u @ vh).reshape(-1)[layer.idx]   # subgradient of λ‖X‖_* (§B5)
+        grad[layer.frozen] = 0
+        layer.values.grad = grad.to(layer.values.dtype) if layer.values.grad is None else layer.values.grad + grad
+        self.nuclear_norm = float(s.sum())
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        if self.reselected or step + 1 != self.progressive_step:
+            return
+        for layer in self.layers.values():
+            layer.reselect()
+            self.optimizer.state.pop(layer.values, None)  # fresh moments and bias correction (§B6)
+        self.reselected = True
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"reselected": torch.tensor(self.reselected)}
+        for name, layer in self.layers.items():
+            state[f"frozen.{name}"] = layer.frozen.clone()
+            state[f"frozen_values.{name}"] = layer.frozen_values.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"sara controller state does not fit this model: "
+                             f"missing {sorted(expected - set(state))[:4]}, unexpected {sorted(set(state) - expected)[:4]}")
+        for name, layer in self.layers.items():
+            layer.frozen.copy_(state[f"frozen.{name}"])
+            layer.frozen_values = state[f"frozen_values.{name}"].clone().to(layer.idx.device)
+        self.reselected = bool(state["reselected"])
+
+    def report(self) -> dict[str, Any]:
+        selected = sum(len(layer.idx) for layer in self.layers.values())
+        trainable = sum(int((~layer.frozen).sum()) for layer in self.layers.values())
+        total = sum(layer.weight_shape.numel() for layer in self.layers.values())
+        return {"selected": selected, "trainable": trainable, "sparsity": 1 - trainable / max(total, 1),
+                "nuclear_norm": self.nuclear_norm}
+
+
+@register("sara", layer=SaRALayer, controller=SaRAController, peft_type="PEFTLAB_SARA")
+@dataclass(frozen=True, kw_only=True)
+class SaRAConfig(AdapterConfig):
+    """SaRA, Hu et al. 2025 (arXiv:2409.06633): sparse fine-tuning of the smallest base weights."""
+
+    total_step: int | None = opt(None, "optimizer steps of the whole run (required: re-selection is at half of it)")
+    target_fraction: float | None = opt(0.05, "fraction of the targeted weights to train (global over layers)")
+    threshold: float | None = opt(None, "train every weight with |w| < threshold instead (the paper's rule)")
+    progressive_step: int | None = opt(None, "optimizer steps before the progressive re-selection; default half")
+    lambda_rank: float = opt(5e-4, "weight of the nuclear-norm low-rank loss (README 5e-4; paper 5e-3)")
+    selected_counts: dict[str, int] = opt({}, "selected entries per module (written on save, read on load)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.total_step is None or self.total_step < 2:
+            raise ValueError(f"sara needs total_step >= 2, the optimizer steps of the run (got {self.total_step!r})")
+        if self.threshold is not None:
+            object.__setattr__(self, "target_fraction", None)  # an explicit threshold is the rule
+            if not self.threshold > 0:
+                raise ValueError(f"sara threshold must be > 0, got {self.threshold!r}")
+        elif self.target_fraction is None or not 0 < self.target_fraction < 1:
+            raise ValueError(f"sara target_fraction must be in (0, 1), got {self.target_fraction!r}")
+        if self.progressive_step is not None and not 1 <= self.progressive_step < self.total_step:
+            raise ValueError(f"sara progressive_step={self.progressive_step} must be in [1, total_step={self.total_step})")
+        if self.lambda_rank < 0:
+            raise ValueError(f"sara lambda_rank must be >= 0, got {self.lambda_rank!r}")
+
+    def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+        fields = super().peft_fields(layers)
+        fields["threshold"] = next(iter(layers.values())).threshold  # the θ the fraction resolved to
+        fields["target_fraction"] = None
+        fields["selected_counts"] = {name: len(layer.idx) for name, layer in layers.items()}
+        return fields
