@@ -37,9 +37,11 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
 
-    method_config = {"lora": {"r": 4}, "adalora": {"init_r": 6, "target_r": 2, "total_step": args.steps},
-                     "increlora": {"init_r": 1, "target_r": 3, "top_h": 4, "total_step": args.steps}}
-    model = peftlab.wrap(tiny_llama(), args.method, lora_dropout=args.dropout, **method_config[args.method])
+    dropout = {"lora_dropout": args.dropout}
+    method_config = {"lora": {"r": 4, **dropout}, "adalora": {"init_r": 6, "target_r": 2, "total_step": args.steps, **dropout},
+                     "increlora": {"init_r": 1, "target_r": 3, "top_h": 4, "total_step": args.steps, **dropout},
+                     "sara": {"target_fraction": 0.1, "total_step": args.steps}, "allora": {"r": 4}}
+    model = peftlab.wrap(tiny_llama(), args.method, **method_config[args.method])
     config = peftlab.TrainConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.per_device,
                                  gradient_accumulation_steps=args.ga, learning_rate=5e-3, save_steps=2,
                                  save_total_limit=0, logging_steps=1, warmup_steps=2, disable_tqdm=True, seed=7)
