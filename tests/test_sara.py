@@ -40,7 +40,7 @@ def test_fraction_selection_is_global_and_reproducible():
     selected = sum(len(l.idx) for l in layers)
     assert abs(selected - 0.05 * total) <= 2
     theta = layers[0].threshold
-    assert all(len(l.idx) == int((l.base_weight().abs() < theta).sum()) for l in layers)
+    assert all(len(l.idx) == int((l.storage_weight().abs() < theta).sum()) for l in layers)
     fractions = {len(l.idx) / l.weight_shape.numel() for l in layers}
     assert len(fractions) > 1, "one global threshold: per-layer fractions differ"
     assert global_threshold(layers, 0.05) == pytest.approx(theta)

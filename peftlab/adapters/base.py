@@ -10,7 +10,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from .. import quant
 
@@ -195,6 +197,76 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
+
+
+class FoldedUpdate(torch.autograd.Function):
+    """y = base_op(x, W0 + ΔW(params)) in one product; backward rebuilds the weight instead of
+    keeping it, and maps the transient dense ∂L/∂W onto the method's parameters."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "FoldedLayer", *params: Tensor) -> Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, *params)
+        return layer.base_op(x, layer.live_weight(x.dtype, *params))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, *params = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x, grad_w = layer.base_grads(x, layer.live_weight(x.dtype, *params), grad_out, ctx.needs_input_grad[0])
+        return (grad_x, None, *layer.param_grads(grad_w, *params))
+
+
+class FoldedLayer(AdapterLayer):
+    """For full-rank and sparse updates, whose ΔW costs as much as the base product: the update is
+    folded into the base weight for each forward (W0 + ΔW, one matmul), in the base module's own
+    storage layout, and gradients come from the dense ∂L/∂W of that product (spec SaRA §B4.2)."""
+
+    def storage_weight(self) -> Tensor:
+        """W0 in the base module's storage layout (dequantized for a 4-bit base)."""
+        return quant.dequantize(self.base_layer) if quant.is_4bit(self.base_layer) else self.base_layer.weight
+
+    def live_weight(self, dtype: torch.dtype, *params: Tensor) -> Tensor:
+        """W0 + ΔW(params) in storage layout."""
+        raise NotImplementedError
+
+    def param_grads(self, grad_weight: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
+        """∂L/∂params from ∂L/∂W (storage layout)."""
+        raise NotImplementedError
+
+    def folded(self, x: Tensor, *params: Tensor) -> Tensor:
+        return FoldedUpdate.apply(x, self, *params)
+
+    def base_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        base, bias = self.base_layer, self.base_layer.bias
+        if isinstance(base, nn.Conv2d):
+            return base._conv_forward(x, weight, bias)
+        if isinstance(base, Conv1D):  # y = x W + b with W stored (d_in, d_out), as Conv1D computes it
+            out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+            return out.view(*x.shape[:-1], weight.shape[1])
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+    def base_grads(self, x: Tensor, weight: Tensor, grad_out: Tensor, need_x: bool) -> tuple[Tensor | None, Tensor]:
+        base = self.base_layer
+        if isinstance(base, nn.Conv2d):
+            args = (base.stride, base.padding, base.dilation, base.groups)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, *args) if need_x else None
+            return grad_x, torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, *args)
+        g, h = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        if isinstance(base, Conv1D):
+            return (grad_out @ weight.t() if need_x else None), h.t() @ g   # weight (d_in, d_out)
+        return (grad_out @ weight if need_x else None), g.t() @ h           # weight (d_out, d_in)
+
+    def to_storage(self, delta: Tensor) -> Tensor:
+        """A canonical (d_out, d_in) matrix in the base weight's storage layout."""
+        if isinstance(self.base_layer, Conv1D):
+            return delta.t()
+        return delta.reshape(self.storage_weight().shape)
+
+    def to_canonical(self, weight: Tensor) -> Tensor:
+        if isinstance(self.base_layer, Conv1D):
+            return weight.t()
+        return weight.reshape(weight.shape[0], -1)
 
 
 class Controller:

@@ -16,44 +16,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from .. import quant
-from .base import AdapterConfig, AdapterLayer, Controller, opt
+from .base import AdapterConfig, AdapterLayer, Controller, FoldedLayer, opt
 from .registry import register
 
 RANK_MIN_DIM, RANK_MIN_NNZ = 64, 100  # the official eligibility for the nuclear-norm loss
 
 
-class SparseUpdate(torch.autograd.Function):
-    """y = base_op(x, W0 with [idx] = values); ∂L/∂values = (∂L/∂W)[idx]."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, layer: "SaRALayer") -> Tensor:
-        ctx.layer = layer
-        ctx.save_for_backward(x, values)
-        return layer.base_op(x, layer.live_weight(values, x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, values = ctx.saved_tensors
-        layer = ctx.layer
-        weight = layer.live_weight(values, x.dtype)  # rebuilt: no dense weight kept across the step
-        grad_x, grad_w = layer.base_grads(x, weight, grad_out, ctx.needs_input_grad[0])
-        grad_values = grad_w.reshape(-1)[layer.idx].to(values.dtype)  # the dense gradient dies here
-        grad_values[layer.frozen] = 0
-        return grad_x, grad_values, None
-
-
-class SaRALayer(AdapterLayer):
+class SaRALayer(FoldedLayer):
     def __init__(self, base_layer: nn.Module, config: "SaRAConfig", name: str):
         super().__init__(base_layer)
         if isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
             raise ValueError(f"sara supports Conv2d with padding_mode='zeros', {name} uses {base_layer.padding_mode!r}")
         count = config.selected_counts.get(name, 0)  # a saved adapter says how many; a fresh one selects later
-        weight = self.base_weight()
+        weight = self.storage_weight()
         self.weight_shape, device = weight.shape, weight.device
         self.register_buffer("idx", torch.zeros(count, dtype=torch.long, device=device))
         self.register_buffer("base_values", torch.zeros(count, device=device))    # W0 at idx
@@ -66,43 +44,23 @@ class SaRALayer(AdapterLayer):
     def supports(cls, module: nn.Module) -> bool:
         return quant.is_adaptable(module) or isinstance(module, nn.Conv2d)
 
-    # --- the base operation with an explicit weight, in the base's own layout ---
-    def base_weight(self) -> Tensor:
-        """W0 in the base module's storage layout (float32 copy for a 4-bit base)."""
-        return quant.dequantize(self.base_layer) if quant.is_4bit(self.base_layer) else self.base_layer.weight
-
-    def live_weight(self, values: Tensor, dtype: torch.dtype) -> Tensor:
-        weight = self.base_weight().to(dtype=dtype, copy=True)
+    def live_weight(self, dtype: torch.dtype, values: Tensor) -> Tensor:
+        weight = self.storage_weight().to(dtype=dtype, copy=True)
         if len(self.frozen_values):
             values = torch.where(self.frozen, self.frozen_values, values)
         weight.view(-1)[self.idx] = values.to(dtype)
         return weight
 
-    def base_op(self, x: Tensor, weight: Tensor) -> Tensor:
-        base, bias = self.base_layer, self.base_layer.bias
-        if isinstance(base, nn.Conv2d):
-            return base._conv_forward(x, weight, bias)
-        if isinstance(base, Conv1D):  # y = x W + b with W stored (d_in, d_out), as Conv1D computes it
-            out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
-            return out.view(*x.shape[:-1], weight.shape[1])
-        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
-
-    def base_grads(self, x: Tensor, weight: Tensor, grad_out: Tensor, need_x: bool) -> tuple[Tensor | None, Tensor]:
-        base = self.base_layer
-        if isinstance(base, nn.Conv2d):
-            args = (base.stride, base.padding, base.dilation, base.groups)
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, *args) if need_x else None
-            return grad_x, torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, *args)
-        g, h = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-        if isinstance(base, Conv1D):
-            return (grad_out @ weight.t() if need_x else None), h.t() @ g   # weight (d_in, d_out)
-        return (grad_out @ weight if need_x else None), g.t() @ h           # weight (d_out, d_in)
+    def param_grads(self, grad_weight: Tensor, values: Tensor) -> tuple[Tensor]:
+        grad = grad_weight.reshape(-1)[self.idx].to(values.dtype)  # the dense gradient dies here
+        grad[self.frozen] = 0
+        return (grad,)
 
     # --- selection ---
     @torch.no_grad()
     def select(self, threshold: float) -> None:
         """Train every entry with |W0| < threshold (compared in the weight's dtype)."""
-        flat = self.base_weight().detach().reshape(-1)
+        flat = self.storage_weight().detach().reshape(-1)
         self.idx = torch.nonzero(flat.abs() < threshold)[:, 0]
         self.base_values = flat[self.idx].float()
         self.frozen = torch.zeros_like(self.idx, dtype=torch.bool)
@@ -125,7 +83,7 @@ class SaRALayer(AdapterLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
-        return SparseUpdate.apply(x, self.values, self)
+        return self.folded(x, self.values)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"values": self.values}
@@ -133,9 +91,7 @@ class SaRALayer(AdapterLayer):
     def delta_weight(self) -> Tensor:
         delta = torch.zeros(self.weight_shape, device=self.idx.device)
         delta.view(-1)[self.idx] = self.effective_values().float() - self.base_values
-        if isinstance(self.base_layer, Conv1D):
-            return delta.t()
-        return delta.reshape(delta.shape[0], -1)  # (d_out, d_in); a Conv2d kernel flattened
+        return self.to_canonical(delta)  # (d_out, d_in); a Conv2d kernel flattened
 
     def branch(self, x: Tensor) -> Tensor:
         """The update's own contribution, x ΔWᵀ (a dense reference for tests; forward fuses it)."""
@@ -148,7 +104,7 @@ class SaRALayer(AdapterLayer):
     @torch.no_grad()
     def load_peft_state(self, state: dict[str, Tensor]) -> None:
         self.idx.copy_(state["sara_idx"])
-        self.base_values.copy_(self.base_weight().detach().reshape(-1)[self.idx].float())
+        self.base_values.copy_(self.storage_weight().detach().reshape(-1)[self.idx].float())
         self.values.copy_(self.base_values + state["sara_delta"])
         self.frozen.copy_(state["sara_frozen"].bool())
         self.frozen_values = self.values.detach().clone() if self.frozen.any() else self.frozen_values[:0]
@@ -159,7 +115,7 @@ class SaRALayer(AdapterLayer):
 
 def global_threshold(layers: list[SaRALayer], fraction: float) -> float:
     """θ such that a `fraction` of all targeted weights has |w| < θ (bisection; no giant concat)."""
-    weights = [layer.base_weight().detach().abs().reshape(-1) for layer in layers]
+    weights = [layer.storage_weight().detach().abs().reshape(-1) for layer in layers]
     target = fraction * sum(w.numel() for w in weights)
     low, high = 0.0, max(float(w.max()) for w in weights) * 2 + 1e-12
     for _ in range(60):
