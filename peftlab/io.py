@@ -73,47 +73,56 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
+def write_adapter_files(model: nn.Module, output_dir: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                        peft_config: dict[str, Any], sidecar: dict[str, Any]) -> Path:
+    """Write adapter_model.safetensors, adapter_config.json and peftlab.json, each atomically.
+
+    `tensors` holds the adapted layers' tensors; the modules_to_save and the generic PEFT config
+    keys (task type, base model, exact target and saved modules) are added here.
+    """
+    state = state_of(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in {**tensors, **_saved_modules(model)}.items()}
+    config = {
+        "task_type": _task_type(model), "inference_mode": True,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "exclude_modules": None, "modules_to_save": state.modules_to_save or None,
+        **peft_config,
+    }
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_json(out / CONFIG_NAME, config)
+    _write_json(out / PEFTLAB_NAME, {"format_version": FORMAT_VERSION, **sidecar})
+    return out
+
+
+def _layer_tensors(layers: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {f"{PREFIX}{name}.{suffix}": t for name, layer in layers.items() for suffix, t in layer.peft_state().items()}
+
+
+def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{PREFIX}{name}.{key}": tensor for name in state_of(model).modules_to_save
+            for key, tensor in model.get_submodule(name).state_dict().items()}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT key names (modules_to_save included)."""
-    state = state_of(model)
-    tensors = {}
-    for name, layer in state.layers.items():
-        for suffix, tensor in layer.peft_state().items():
-            tensors[f"{PREFIX}{name}.{suffix}"] = tensor
-    for name in state.modules_to_save:
-        for key, tensor in model.get_submodule(name).state_dict().items():
-            tensors[f"{PREFIX}{name}.{key}"] = tensor
-    return tensors
-
-
-def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
-    state = state_of(model)
-    bases = [layer.base_layer for layer in state.layers.values()]
-    return {
-        **state.config.peft_fields(state.layers),
-        "peft_type": state.method.peft_type,
-        "task_type": _task_type(model),
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "inference_mode": True,
-        # the exact names wrapped, so PEFT and peftlab select the same modules whatever their matching
-        "target_modules": list(state.layers),
-        "exclude_modules": None,
-        "modules_to_save": state.modules_to_save or None,
-        "fan_in_fan_out": all(isinstance(b, Conv1D) for b in bases),
-    }
+    return {**_layer_tensors(state_of(model).layers), **_saved_modules(model)}
 
 
 def save_adapter(model: nn.Module, output_dir: str | os.PathLike) -> Path:
     """Write the adapter of a wrapped model (never the base weights) to `output_dir`."""
     state = state_of(model)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_json(out / CONFIG_NAME, adapter_config_dict(model))
-    _write_json(out / PEFTLAB_NAME, {"format_version": FORMAT_VERSION, "method": state.method.name,
-                                     "fields": state.config.peftlab_fields()})
-    return out
+    bases = [layer.base_layer for layer in state.layers.values()]
+    peft_config = {
+        **state.config.peft_fields(state.layers),
+        "peft_type": state.method.peft_type,
+        # the exact names wrapped, so PEFT and peftlab select the same modules whatever their matching
+        "target_modules": list(state.layers),
+        "fan_in_fan_out": all(isinstance(b, Conv1D) for b in bases),
+    }
+    return write_adapter_files(model, output_dir, _layer_tensors(state.layers), peft_config,
+                               {"method": state.method.name, "fields": state.config.peftlab_fields()})
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -242,25 +251,16 @@ def export_lora(model: nn.Module, output_dir: str | os.PathLike, rank: int | Non
         if a.shape[0] == 0:
             continue  # a module pruned to rank 0 contributes nothing
         ranks[name] = a.shape[0]
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
-    for name in state.modules_to_save:
-        for key, tensor in model.get_submodule(name).state_dict().items():
-            tensors[f"{PREFIX}{name}.{key}"] = tensor.detach().contiguous()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b
     if not ranks:
         raise ValueError("every adapted module has a zero update; there is nothing to export")
     top = max(ranks.values())
-    config = {
-        "peft_type": "LORA", "task_type": _task_type(model), "inference_mode": True, "bias": "none",
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "r": top, "lora_alpha": top, "lora_dropout": 0.0, "use_rslora": False, "init_lora_weights": True,
-        "target_modules": list(ranks), "modules_to_save": state.modules_to_save or None,
+    peft_config = {
+        "peft_type": "LORA", "bias": "none", "r": top, "lora_alpha": top, "lora_dropout": 0.0, "use_rslora": False,
+        "init_lora_weights": True, "target_modules": list(ranks),
         "rank_pattern": ranks, "alpha_pattern": dict(ranks),  # alpha = r: scale 1, the factors carry it
         "fan_in_fan_out": all(isinstance(state.layers[n].base_layer, Conv1D) for n in ranks),
     }
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_json(out / CONFIG_NAME, config)
-    _write_json(out / PEFTLAB_NAME, {"format_version": FORMAT_VERSION, "method": "lora", "exported_from": state.method.name})
+    write_adapter_files(model, output_dir, tensors, peft_config, {"method": "lora", "exported_from": state.method.name})
     return errors

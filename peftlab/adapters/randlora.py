@@ -1,0 +1,212 @@
+"""RandLoRA (Albert et al., ICLR 2025, arXiv:2502.00987): a full-rank update from fixed random
+bases, of which only two diagonal scalings are trained (spec: evalora-randlora.md, part II).
+
+    ΔW_(D×d) = s · B̃ Ã,   Ã[k·n+b, j] = λ[k,b] · A[k,j] · γ[b,j],   B̃[:, b·r+k] = B[:, b, k]
+    d = min(d_in, d_out), D = max(d_in, d_out), n = ⌈d/r⌉ bases, s = α / r   (PEFT's conventions)
+
+Trainable per layer: λ (r, n) and γ (n, d). The bases A (r, d*) and B (D*, n*, r) are generated
+once per model from a seed (fp32 on the CPU), shared by every layer as slices, never saved:
+loading regenerates them and checks a checksum. With n·r >= d the update can be full rank.
+
+Without dropout the update is folded into the base product (one matmul with W0 + ΔW) and the
+backward saves only x, λ and γ: ΔW is rebuilt, the dense ∂L/∂ΔW is mapped onto λ and γ and
+dropped. With dropout the branch runs as PEFT does, through the two skinny products.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdapterConfig, AdapterLayer, Controller, FoldedLayer, opt
+from .registry import register
+
+
+class RandomBases(nn.Module):
+    """The shared random bases of one model: A (r, 1, d*) and B (D*, n*, r), unit-std uniform.
+
+    One instance is a child of every RandLoRA layer, so `.to()` moves a single copy and the
+    buffers (non-persistent) never reach a state dict.
+    """
+
+    def __init__(self, r: int, d_small: int, d_large: int, seed: int):
+        super().__init__()
+        self.r, self.d_small, self.d_large, self.seed = r, d_small, d_large, seed
+        self.count = math.ceil(d_small / r)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        a = torch.empty(r, 1, d_small)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        parts = [nn.init.kaiming_uniform_(torch.empty(d_large, 1, r), a=math.sqrt(5), generator=generator)
+                 for _ in range(self.count)]
+        b = torch.cat(parts, dim=1)
+        self.register_buffer("A", a / a.std(), persistent=False)
+        self.register_buffer("B", b / b.std(), persistent=False)
+
+    def checksum(self) -> str:
+        digest = hashlib.sha256()
+        for t in (self.A, self.B):
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+class ScaleBases(torch.autograd.Function):
+    """Ã = λ[:, :, None] · A · γ[None]: saves only A (a view of the shared buffer), λ and γ (spec §II.7)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, lam: Tensor, gam: Tensor) -> Tensor:
+        ctx.save_for_backward(a, lam, gam)
+        return lam[:, :, None] * a * gam[None]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, lam, gam = (t.to(grad.dtype) for t in ctx.saved_tensors)
+        return None, (grad * a * gam[None]).sum(2), (grad * a * lam[:, :, None]).sum(0)
+
+
+class RandLoRALinear(FoldedLayer):
+    def __init__(self, base_layer: nn.Module, config: "RandLoRAConfig", name: str):
+        super().__init__(base_layer)
+        self.r = config.r
+        self.d, self.D = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
+        self.n = math.ceil(self.d / self.r)
+        device = next(base_layer.parameters()).device
+        self.randlora_lambda = nn.Parameter(torch.zeros(self.r, self.n, device=device))                 # (r, n)
+        self.randlora_gamma = nn.Parameter(torch.full((self.n, self.d), 1 / max(self.n, self.d), device=device))  # (n, d)
+        self.scale = config.randlora_alpha / config.r
+        self.dropout = nn.Dropout(config.randlora_dropout) if config.randlora_dropout else None
+        self.bases: RandomBases | None = None  # attached by the controller once every layer's size is known
+
+    def factors(self, lam: Tensor, gam: Tensor, autograd: bool = True) -> tuple[Tensor, Tensor]:
+        """(Ã, B̃): Ã (n·r, d) row k·n+b, B̃ (D, n·r) column b·r+k, as PEFT flattens them."""
+        a = self.bases.A[:, :, :self.d]                                   # (r, 1, d) view
+        small = (ScaleBases.apply(a, lam, gam) if autograd else lam[:, :, None] * a * gam[None]).flatten(0, 1)
+        large = self.bases.B[:self.D, :self.n, :].reshape(self.D, -1)     # (D, n·r)
+        return small, large
+
+    def canonical_delta(self, lam: Tensor, gam: Tensor) -> Tensor:
+        small, large = self.factors(lam, gam, autograd=False)
+        delta = self.scale * (large @ small)                               # (D, d)
+        return delta if self.in_features <= self.out_features else delta.t()  # (d_out, d_in)
+
+    # --- the folded path (no dropout) ---
+    def live_weight(self, dtype: torch.dtype, lam: Tensor, gam: Tensor) -> Tensor:
+        return self.storage_weight().to(dtype) + self.to_storage(self.canonical_delta(lam.float(), gam.float())).to(dtype)
+
+    def param_grads(self, grad_weight: Tensor, lam: Tensor, gam: Tensor) -> tuple[Tensor, Tensor]:
+        grad = self.scale * self.to_canonical(grad_weight).float()           # ∂L/∂(B̃Ã) in (d_out, d_in)
+        if self.in_features > self.out_features:
+            grad = grad.t()                                                  # (D, d)
+        _, large = self.factors(lam, gam, autograd=False)
+        grad_small = (large.t() @ grad).view(self.r, self.n, self.d)         # ∂L/∂Ã
+        a = self.bases.A[:, :, :self.d]
+        return ((grad_small * a * gam[None]).sum(2).to(lam.dtype),
+                (grad_small * a * lam[:, :, None]).sum(0).to(gam.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or not self.enabled:
+            return self.base_layer(x)
+        if self.dropout is None:
+            return self.folded(x, self.randlora_lambda, self.randlora_gamma)
+        return AdapterLayer.forward(self, x)
+
+    def branch(self, x: Tensor) -> Tensor:
+        h = x.to(self.randlora_lambda.dtype)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        small, large = self.factors(self.randlora_lambda, self.randlora_gamma)
+        first, second = (small, large) if self.in_features <= self.out_features else (large.t(), small.t())
+        return (h @ first.t() @ second.t()) * self.scale
+
+    def delta_weight(self) -> Tensor:
+        return self.canonical_delta(self.randlora_lambda.detach().float(), self.randlora_gamma.detach().float())
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"randlora_lambda": self.randlora_lambda, "randlora_gamma": self.randlora_gamma}
+
+    def peft_state(self) -> dict[str, Tensor]:
+        return {"randlora_lambda": self.randlora_lambda.detach(), "randlora_gamma": self.randlora_gamma.detach()}
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, Tensor]) -> None:
+        self.randlora_lambda.copy_(state["randlora_lambda"])
+        self.randlora_gamma.copy_(state["randlora_gamma"])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, bases={self.n}, scale={self.scale:g}"
+
+
+class RandLoRAController(Controller):
+    """Creates the model's bases once every layer exists (their size is the largest layer's)."""
+
+    def __init__(self, model: nn.Module, config: "RandLoRAConfig", layers: dict[str, RandLoRALinear]):
+        super().__init__(model, config, layers)
+        first = next(iter(layers.values()))
+        self.bases = RandomBases(config.r, max(l.d for l in layers.values()), max(l.D for l in layers.values()),
+                                 config.projection_prng_key).to(first.randlora_lambda.device)
+        if config.bases_checksum and config.bases_checksum != self.bases.checksum():
+            raise ValueError(
+                f"the regenerated random bases do not match the saved checksum ({self.bases.checksum()} vs "
+                f"{config.bases_checksum}); this torch version draws different numbers from the seed. Load the "
+                "adapter with the torch version that trained it, or export it there with export_peft_randlora")
+        for layer in layers.values():
+            layer.bases = self.bases
+
+
+@register("randlora", layer=RandLoRALinear, controller=RandLoRAController, peft_type="PEFTLAB_RANDLORA")
+@dataclass(frozen=True, kw_only=True)
+class RandLoRAConfig(AdapterConfig):
+    """RandLoRA, Albert et al. 2025 (arXiv:2502.00987): full-rank update from shared random bases."""
+
+    r: int = opt(32, "rank of each random basis; smaller r means more bases and more parameters")
+    randlora_alpha: float = opt(640.0, "the update is scaled by randlora_alpha / r (PEFT's convention; ~20 x r)")
+    randlora_dropout: float = opt(0.0, "dropout on the branch input (0 keeps the fused single-product path)")
+    projection_prng_key: int = opt(0, "seed of the random bases")
+    bases_checksum: str = opt("", "checksum of the bases (written on save, checked on load)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"randlora r must be an integer >= 1, got {self.r!r}")
+        if self.randlora_alpha <= 0 or not 0 <= self.randlora_dropout < 1:
+            raise ValueError("randlora needs randlora_alpha > 0 and randlora_dropout in [0, 1)")
+
+    def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+        fields = super().peft_fields(layers)
+        fields["bases_checksum"] = next(iter(layers.values())).bases.checksum()
+        return fields
+
+
+def export_peft_randlora(model: nn.Module, output_dir: str | Path) -> Path:
+    """Write the adapter in PEFT's own RANDLORA format (bases included, save_projection=True), which
+    `peft.PeftModel.from_pretrained` loads with identical outputs. PEFT sizes its bases by the
+    elementwise maximum of the layers' (out, in); ours (the spec's smaller sizing) are zero-padded
+    into that shape, which no layer's slice reaches."""
+    from ..adapters.inject import state_of
+    from ..io import PREFIX, write_adapter_files
+
+    state = state_of(model)
+    layers, config = state.layers, state.config
+    out_max = max(l.out_features for l in layers.values())
+    in_max = max(l.in_features for l in layers.values())
+    d_small, d_large = min(out_max, in_max), max(out_max, in_max)
+    bases = next(iter(layers.values())).bases
+    a = torch.zeros(config.r, 1, d_small)
+    a[:, :, :bases.d_small] = bases.A.cpu()
+    b = torch.zeros(d_large, math.ceil(d_small / config.r), config.r)
+    b[:bases.d_large, :bases.count] = bases.B.cpu()
+    if not all(type(l.base_layer) is nn.Linear for l in layers.values()):
+        raise ValueError("PEFT's RandLoRA format covers nn.Linear layers only; export this adapter with "
+                         "peftlab.io.export_lora(model, dir, rank=...) instead")
+    tensors = {"base_model.randlora_A": a, "base_model.randlora_B": b}  # PEFT's model-level copy
+    for name, layer in layers.items():
+        tensors.update({f"{PREFIX}{name}.{k}": v.cpu() for k, v in layer.peft_state().items()})
+        tensors[f"{PREFIX}{name}.randlora_A"], tensors[f"{PREFIX}{name}.randlora_B"] = a, b
+    peft_config = {"peft_type": "RANDLORA", "r": config.r, "randlora_alpha": config.randlora_alpha,
+                   "randlora_dropout": config.randlora_dropout, "projection_prng_key": config.projection_prng_key,
+                   "save_projection": True, "target_modules": list(layers), "bias": "none", "init_weights": True}
+    return write_adapter_files(model, output_dir, tensors, peft_config, {"method": "randlora", "exported_as": "peft"})
