@@ -85,7 +85,7 @@ def write_adapter_files(model: nn.Module, output_dir: str | os.PathLike, tensors
     config = {
         "task_type": _task_type(model), "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "exclude_modules": None, "modules_to_save": state.modules_to_save or None,
+        "modules_to_save": state.modules_to_save or None,
         **peft_config,
     }
     out = Path(output_dir)

@@ -183,7 +183,8 @@ class RandLoRAConfig(AdapterConfig):
 
 def export_peft_randlora(model: nn.Module, output_dir: str | Path) -> Path:
     """Write the adapter in PEFT's own RANDLORA format (bases included, save_projection=True), which
-    `peft.PeftModel.from_pretrained` loads with identical outputs. PEFT sizes its bases by the
+    `peft.PeftModel.from_pretrained` loads with identical outputs. The file is as large as PEFT's
+    own (one copy of the bases per layer); peftlab's native save holds only λ and γ. PEFT sizes its bases by the
     elementwise maximum of the layers' (out, in); ours (the spec's smaller sizing) are zero-padded
     into that shape, which no layer's slice reaches."""
     from ..adapters.inject import state_of
@@ -205,7 +206,8 @@ def export_peft_randlora(model: nn.Module, output_dir: str | Path) -> Path:
     tensors = {"base_model.randlora_A": a, "base_model.randlora_B": b}  # PEFT's model-level copy
     for name, layer in layers.items():
         tensors.update({f"{PREFIX}{name}.{k}": v.cpu() for k, v in layer.peft_state().items()})
-        tensors[f"{PREFIX}{name}.randlora_A"], tensors[f"{PREFIX}{name}.randlora_B"] = a, b
+        # PEFT 0.21 also expects each layer's alias of the bases (safetensors wants separate storage)
+        tensors[f"{PREFIX}{name}.randlora_A"], tensors[f"{PREFIX}{name}.randlora_B"] = a.clone(), b.clone()
     peft_config = {"peft_type": "RANDLORA", "r": config.r, "randlora_alpha": config.randlora_alpha,
                    "randlora_dropout": config.randlora_dropout, "projection_prng_key": config.projection_prng_key,
                    "save_projection": True, "target_modules": list(layers), "bias": "none", "init_weights": True}
