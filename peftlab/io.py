@@ -97,7 +97,8 @@ def write_adapter_files(model: nn.Module, output_dir: str | os.PathLike, tensors
 
 
 def _layer_tensors(layers: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {f"{PREFIX}{name}.{suffix}": t for name, layer in layers.items() for suffix, t in layer.peft_state().items()}
+    return {f"{PREFIX}{name}.{suffix}": t for name, layer in layers.items() if layer.is_active()
+            for suffix, t in layer.peft_state().items()}
 
 
 def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -113,12 +114,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, output_dir: str | os.PathLike) -> Path:
     """Write the adapter of a wrapped model (never the base weights) to `output_dir`."""
     state = state_of(model)
-    bases = [layer.base_layer for layer in state.layers.values()]
+    active = [name for name, layer in state.layers.items() if layer.is_active()]
+    bases = [state.layers[name].base_layer for name in active]
     peft_config = {
         **state.config.peft_fields(state.layers),
         "peft_type": state.method.peft_type,
         # the exact names wrapped, so PEFT and peftlab select the same modules whatever their matching
-        "target_modules": list(state.layers),
+        "target_modules": active,
         "fan_in_fan_out": all(isinstance(b, Conv1D) for b in bases),
     }
     return write_adapter_files(model, output_dir, _layer_tensors(state.layers), peft_config,

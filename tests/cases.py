@@ -17,5 +17,6 @@ CASES = {
     "increlora": Case({"total_step": 20, "init_r": 2, "target_r": 4}),
     "allora": Case({"r": 4}),
     "sara": Case({"total_step": 20, "target_fraction": 0.1}, export_rank=64),
+    "evalora": Case({"r": 4}),
     "randlora": Case({"r": 8, "randlora_alpha": 16.0}, export_rank=64, atol=2e-5),
 }

@@ -3,6 +3,7 @@
     python tests/train_job.py OUT [--method lora] [--per-device 4] [--kill-at N] [--resume]
 """
 import argparse
+import json
 import os
 import signal
 import sys
@@ -25,6 +26,17 @@ def lm_dataset(n: int = 32, length: int = 12, seed: int = 0, num_starts: int = 8
     return rows
 
 
+JOB_CONFIGS = {
+    "lora": {"r": 4, "lora_dropout": 0.1},
+    "adalora": {"init_r": 6, "target_r": 2, "total_step": 8, "lora_dropout": 0.1},
+    "increlora": {"init_r": 1, "target_r": 3, "top_h": 4, "total_step": 8, "lora_dropout": 0.1},
+    "evalora": {"r": 4, "lora_dropout": 0.1},
+    "randlora": {"r": 8, "randlora_alpha": 16.0},
+    "allora": {"r": 4},
+    "sara": {"target_fraction": 0.1, "total_step": 8},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -37,11 +49,11 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
 
-    dropout = {"lora_dropout": args.dropout}
-    method_config = {"lora": {"r": 4, **dropout}, "adalora": {"init_r": 6, "target_r": 2, "total_step": args.steps, **dropout},
-                     "increlora": {"init_r": 1, "target_r": 3, "top_h": 4, "total_step": args.steps, **dropout},
-                     "sara": {"target_fraction": 0.1, "total_step": args.steps}, "allora": {"r": 4}}
-    model = peftlab.wrap(tiny_llama(), args.method, **method_config[args.method])
+    config = dict(JOB_CONFIGS[args.method], total_step=args.steps) if "total_step" in JOB_CONFIGS[args.method] \
+        else dict(JOB_CONFIGS[args.method])
+    if "lora_dropout" in config:
+        config["lora_dropout"] = args.dropout
+    model = peftlab.wrap(tiny_llama(), args.method, **config)
     config = peftlab.TrainConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.per_device,
                                  gradient_accumulation_steps=args.ga, learning_rate=5e-3, save_steps=2,
                                  save_total_limit=0, logging_steps=1, warmup_steps=2, disable_tqdm=True, seed=7)
@@ -56,6 +68,9 @@ def main() -> None:
 
         trainer.controller.after_optimizer_step = after
     print(trainer.train(resume_from_checkpoint=args.resume))
+    rank = trainer.accelerator.process_index  # every process's view of the controller, for the tests
+    with open(os.path.join(args.out, f"report_{rank}.json"), "w") as f:
+        json.dump(trainer.controller.report(), f, sort_keys=True)
 
 
 if __name__ == "__main__":

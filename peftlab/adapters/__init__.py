@@ -1,6 +1,6 @@
 """Adapter methods. Each module registers itself on import; importing them all here keeps the
 registry complete and deterministic (no entry-point discovery)."""
-from . import adalora, allora, increlora, lora, randlora, sara  # noqa: F401
+from . import adalora, allora, evalora, increlora, lora, randlora, sara  # noqa: F401
 from .base import AdapterConfig, AdapterLayer, Controller
 from .inject import controller, merge, trainable_summary, unwrap, wrap
 from .registry import get_config, get_method, list_adapters, register

@@ -119,6 +119,10 @@ class AdapterLayer(nn.Module):
         """Whether this method can wrap `module` (Linear, GPT-2 Conv1D and 4-bit Linear by default)."""
         return quant.is_adaptable(module)
 
+    def is_active(self) -> bool:
+        """False for a module whose update was assigned rank 0: it is left out of saved adapters."""
+        return True
+
     # --- implemented by each method ---
     def branch(self, x: Tensor) -> Tensor:
         raise NotImplementedError

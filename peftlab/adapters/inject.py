@@ -173,6 +173,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def remove_layers(model: nn.Module, names: list[str]) -> None:
+    """Put the base modules of `names` back (e.g. layers a method assigned no rank)."""
+    state = state_of(model)
+    for name in names:
+        _set_module(model, name, state.layers.pop(name).base_layer)
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (float32 math, cast once) and return a plain model.
 

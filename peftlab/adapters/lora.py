@@ -21,9 +21,9 @@ from .registry import register
 class LoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: "LoRAConfig", name: str):
         super().__init__(base_layer)
-        self.r = pattern_value(config.rank_pattern, name, config.r)
-        alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        self.scale = config.scale(self.r, alpha)
+        self.r = config.rank_for(name)
+        self.alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        self.scale = config.scale(self.r, self.alpha)
         device = next(base_layer.parameters()).device
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))   # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))  # (d_out, r)
@@ -96,6 +96,9 @@ class LoRAConfig(AdapterConfig):
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v < 0}
         if bad:
             raise ValueError(f"rank_pattern values must be integers >= 0, got {bad}")
+
+    def rank_for(self, name: str) -> int:
+        return pattern_value(self.rank_pattern, name, self.r)
 
     def scale(self, r: int, alpha: float) -> float:
         if r == 0:

@@ -9,6 +9,7 @@ A step whose loss or gradient is NaN/inf is skipped whole: no hook sees it, no w
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters.base import Controller
 from ..adapters.inject import controller as controller_of
 from ..adapters.inject import state_of
 from ..data import EpochBatches, PadCollator
@@ -104,7 +106,10 @@ class Trainer:
         self.controller.expect_total_steps(total)
         checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         if checkpoint is None:
-            self.controller.prepare(model, self._prepare_batches())
+            self._prepare()
+        else:  # adapter shapes (EVA's ranks) and weights first: the optimizer is built over them
+            self._check_resumable(checkpoint)
+            self._load_adapter_state(checkpoint)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._optimizer()
         self.controller.bind_optimizer(optimizer)
@@ -192,14 +197,53 @@ class Trainer:
                 yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
             epoch, index = epoch + 1, 0
 
+    def _prepare(self) -> None:
+        """Run the controller's prepare (EVA's PCA, ...) once; its result is cached in output_dir,
+        keyed by the adapter config and the data it saw, so a restarted run does not recompute it."""
+        controller = self.controller
+        if type(controller).prepare is Controller.prepare:
+            return
+        batches = self._prepare_batches()
+        digest = hashlib.sha256(json.dumps(self.model.peftlab.config.to_dict(), sort_keys=True, default=str).encode())
+        for batch in batches:
+            for key in sorted(batch):
+                digest.update(key.encode() + batch[key].cpu().numpy().tobytes())
+        cache = self.output_dir / "prepare_cache" / f"{digest.hexdigest()[:16]}_{self.accelerator.process_index}"
+        if (cache / STATE_NAME).is_file():
+            self.accelerator.print(f"peftlab: prepare result reused from {cache}")
+            self._load_adapter_state(cache)
+            return
+        controller.prepare(self.model, batches)
+        tmp = cache.with_name(cache.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self._save_adapter_state(tmp)
+        (tmp / STATE_NAME).write_text("{}")
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+
+    def _save_adapter_state(self, path: Path) -> None:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(path / TRAINABLE_NAME))  # every trainable tensor, untrimmed, for exact resume
+        torch.save(self.controller.state_dict(), path / "controller.pt")
+
+    def _load_adapter_state(self, path: Path) -> None:
+        self.controller.load_state_dict(torch.load(path / "controller.pt", weights_only=True))
+        self._load_trainable(path / TRAINABLE_NAME)
+
     def _prepare_batches(self) -> list[dict[str, torch.Tensor]]:
-        """The first training batches in a fixed order, for data-driven init (EVA, SaRA)."""
+        """The first training batches in a fixed order, for data-driven init (EVA). Batch j covers
+        the same examples whatever the process count: each process takes its slice of it, so
+        statistics gathered across processes equal a single process's."""
         cfg, acc = self.config, self.accelerator
-        n = min(len(self.train_dataset), cfg.prepare_batches * cfg.per_device_train_batch_size)
-        mine = list(range(acc.process_index, n, acc.num_processes))
-        size = cfg.per_device_train_batch_size
-        return [{k: v.to(acc.device) for k, v in self.collate([self.train_dataset[i] for i in mine[j:j + size]]).items()}
-                for j in range(0, len(mine), size)]
+        size, world = cfg.per_device_train_batch_size, acc.num_processes
+        count = min(cfg.prepare_batches, len(self.train_dataset) // (size * world))
+        batches = []
+        for j in range(count):
+            start = (j * world + acc.process_index) * size
+            batch = self.collate([self.train_dataset[i] for i in range(start, start + size)])
+            batches.append({k: v.to(acc.device) for k, v in batch.items()})
+        return batches
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
@@ -253,11 +297,9 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_adapter(self.model, tmp)  # the usable PEFT-format adapter (trimmed to live ranks)
-            trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-            save_file(trainable, str(tmp / TRAINABLE_NAME))  # every trainable tensor, untrimmed, for exact resume
+            self._save_adapter_state(tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(self.controller.state_dict(), tmp / "controller.pt")
             state = {"step": step, "micro_batches": micro, "nonfinite_steps": self.nonfinite_steps,
                      "nonfinite_total": self.nonfinite_total, "world_size": acc.num_processes,
                      "config": self.config.to_dict()}
@@ -295,7 +337,7 @@ class Trainer:
             raise FileNotFoundError(f"{path} is not a peftlab checkpoint (no {STATE_NAME})")
         return path
 
-    def _load_checkpoint(self, path: Path, optimizer, scheduler) -> tuple[int, int]:
+    def _check_resumable(self, path: Path) -> None:
         acc = self.accelerator
         state = json.loads((path / STATE_NAME).read_text())
         if state["world_size"] != acc.num_processes:
@@ -307,10 +349,12 @@ class Trainer:
         if changed:
             raise ValueError(f"{path} was written with other settings {changed} (saved, now); "
                              "resume with the same config, or start a fresh run from the adapter")
-        self._load_trainable(path / TRAINABLE_NAME)
+
+    def _load_checkpoint(self, path: Path, optimizer, scheduler) -> tuple[int, int]:
+        acc = self.accelerator
+        state = json.loads((path / STATE_NAME).read_text())
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        self.controller.load_state_dict(torch.load(path / "controller.pt", weights_only=True))
         rng = torch.load(path / f"rng_state_{acc.process_index}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
