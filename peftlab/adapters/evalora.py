@@ -104,7 +104,10 @@ class IncrementalPCA:
     @property
     def ratio(self) -> Tensor:
         """Explained-variance ratio of each component: σ² / (n · Σ var)."""
-        return self.sigma.double().pow(2) / (self.n * self.var.sum())
+        total = self.n * self.var.sum()
+        if total == 0:  # a constant input has no variance to explain
+            return torch.zeros_like(self.sigma, dtype=torch.double)
+        return self.sigma.double().pow(2) / total
 
 
 def _gather_rows(x: Tensor) -> Tensor:

