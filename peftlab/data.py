@@ -1,7 +1,11 @@
 """Batches for training: a padding collator and a deterministic, resumable batch order."""
 from __future__ import annotations
 
+import csv
+import json
+import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -45,14 +49,15 @@ class EpochBatches:
     global batch. The last incomplete global batch of an epoch is dropped.
     """
 
-    def __init__(self, num_examples: int, per_device: int, world_size: int, rank: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_examples: int, per_device: int, world_size: int, rank: int, seed: int, shuffle: bool = True,
+                 lengths: Sequence[int] | None = None):
         if num_examples < per_device * world_size:
             raise ValueError(
                 f"the training set has {num_examples} examples, fewer than one global batch "
                 f"({per_device} per device x {world_size} processes); lower per_device_train_batch_size"
             )
         self.num_examples, self.per_device, self.world_size, self.rank = num_examples, per_device, world_size, rank
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.lengths = seed, shuffle, lengths
 
     def __len__(self) -> int:
         return self.num_examples // (self.per_device * self.world_size)
@@ -64,6 +69,162 @@ class EpochBatches:
         else:
             order = list(range(self.num_examples))
         global_batch = self.per_device * self.world_size
+        if self.lengths is not None:  # similar lengths per batch (less padding), order still random
+            chunk = 50 * global_batch
+            order = [i for c in range(0, len(order), chunk)
+                     for i in sorted(order[c:c + chunk], key=lambda i: -self.lengths[i])]
         for i in range(start, len(self)):
             chunk = order[i * global_batch: (i + 1) * global_batch]
             yield chunk[self.rank * self.per_device: (self.rank + 1) * self.per_device]
+
+
+# ----------------------------------------------------------------------------- the embedded demo task
+_POSITIVE = ["wonderful", "brilliant", "delightful", "superb", "moving", "charming", "excellent", "gripping",
+             "hilarious", "beautiful", "clever", "heartfelt", "stunning", "enjoyable", "fantastic", "great"]
+_NEGATIVE = ["dull", "tedious", "awful", "clumsy", "boring", "dreadful", "bland", "messy", "predictable",
+             "forgettable", "painful", "terrible", "lifeless", "shallow", "weak", "bad"]
+_SUBJECTS = ["movie", "film", "plot", "acting", "script", "soundtrack", "ending", "cast", "story", "director's work",
+             "dialogue", "pacing", "series", "documentary", "sequel", "performance"]
+_TEMPLATES = ["The {s} was {a}.", "What a {a} {s}!", "I found the {s} {a}.", "Honestly, the {s} is {a}.",
+              "A {a} {s}, start to finish.", "Everyone said the {s} was {a}, and it was.", "{A} {s}.",
+              "The {s} felt {a} to me.", "My friends thought the {s} was {a}.", "It is a {a} {s}."]
+_NEGATED = ["The {s} was not {a}.", "I would not call the {s} {a}.", "The {s} was anything but {a}.",
+            "Nobody could call this {s} {a}."]
+
+
+def sentiment_dataset(n: int, seed: int) -> list[dict[str, Any]]:
+    """A generated two-class sentiment task (label 1 = positive), deterministic in `seed`.
+
+    Short reviews from templates: plain ones, negated ones ("was not dull" is positive) and
+    contrasts whose second clause decides ("the plot was dull, but the acting was superb"), so
+    spotting one word is not enough. Train and eval splits come from different seeds.
+    """
+    rng = random.Random(seed)
+
+    def clause(positive: bool) -> str:
+        negated = rng.random() < 0.3
+        adjective = rng.choice(_NEGATIVE if positive == negated else _POSITIVE)
+        template = rng.choice(_NEGATED if negated else _TEMPLATES)
+        return template.format(s=rng.choice(_SUBJECTS), a=adjective, A=adjective.capitalize())
+
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        text = clause(positive)
+        if rng.random() < 0.4:  # the verdict comes after "but"
+            first = clause(not positive).rstrip(".!")
+            text = f"{first[0].upper()}{first[1:]}, but {text[0].lower()}{text[1:]}"
+        rows.append({"text": text, "label": int(positive)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- files and hub datasets
+TASKS = ("seq-cls", "causal-lm")
+
+
+def read_records(source: str) -> list[dict[str, Any]]:
+    """Rows of a local jsonl / json / csv / parquet file, or the train split of a Hugging Face dataset."""
+    path = Path(source)
+    if not path.exists():
+        if path.suffix in (".jsonl", ".json", ".csv", ".parquet") or "/" not in source and "." in source:
+            raise FileNotFoundError(f"dataset file {source} does not exist")
+        try:
+            import datasets
+
+            return list(datasets.load_dataset(source, split="train"))
+        except Exception as e:  # offline, unknown name, gated, ...
+            raise ValueError(f"could not load the Hugging Face dataset {source!r} ({type(e).__name__}: {e}); "
+                             "pass a local .jsonl/.json/.csv/.parquet file instead") from None
+    try:
+        if path.suffix == ".jsonl":
+            rows = []
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+            rows = data.get("data", data) if isinstance(data, dict) else data
+        elif path.suffix == ".csv":
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        else:
+            raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"{path} could not be read ({type(e).__name__}: {e})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path} must hold a list of objects (one per example)")
+    if not rows:
+        raise ValueError(f"{path} holds no examples")
+    return rows
+
+
+def _column(row: dict[str, Any], column: str, source: str, number: int) -> Any:
+    if column not in row or row[column] is None:
+        raise ValueError(f"{source}, row {number}: no value in column {column!r} (columns: {', '.join(row)})")
+    return row[column]
+
+
+def classification_features(rows: list[dict[str, Any]], tokenizer, source: str, num_labels: int,
+                            max_length: int, text_column: str = "text", pair_column: str | None = None,
+                            label_column: str = "label") -> list[dict[str, Any]]:
+    """Tokenized (text[, pair], label) examples; labels must be integers in [0, num_labels)."""
+    features = []
+    for number, row in enumerate(rows, 1):
+        text = _column(row, text_column, source, number)
+        pair = _column(row, pair_column, source, number) if pair_column else None
+        label = _column(row, label_column, source, number)
+        try:
+            label = int(label)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}, row {number}: label {label!r} in column {label_column!r} is not an integer") from None
+        if not 0 <= label < num_labels:
+            raise ValueError(f"{source}, row {number}: label {label} in column {label_column!r} is out of range "
+                             f"[0, {num_labels}); set num_labels=")
+        encoded = tokenizer(str(text), None if pair is None else str(pair), truncation=True, max_length=max_length)
+        features.append({**{k: torch.tensor(v) for k, v in encoded.items()}, "labels": torch.tensor(label)})
+    return features
+
+
+def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_length: int,
+                       packing: bool = False) -> list[dict[str, Any]]:
+    """Plain `text` (loss on every token), or `prompt` + `response` (loss on the response only; the
+    tokenizer's chat template is used when it has one). With `packing`, examples are concatenated
+    and cut into blocks of max_length (no padding)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    features = []
+    for number, row in enumerate(rows, 1):
+        if "prompt" in row or "response" in row:
+            prompt, response = (str(_column(row, c, source, number)) for c in ("prompt", "response"))
+            if getattr(tokenizer, "chat_template", None):
+                messages = [{"role": "user", "content": prompt}]
+                head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=True)
+                head, full = list(_ids(head)), list(_ids(full))
+            else:
+                head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+                full = head + tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+            labels = [-100] * len(head) + full[len(head):]
+        else:
+            full = tokenizer(str(_column(row, "text", source, number)))["input_ids"] + eos
+            labels = list(full)
+        features.append({"input_ids": full[:max_length], "labels": labels[:max_length]})
+    if packing:
+        ids = [t for f in features for t in f["input_ids"]]
+        labels = [t for f in features for t in f["labels"]]
+        features = [{"input_ids": ids[i:i + max_length], "labels": labels[i:i + max_length]}
+                    for i in range(0, len(ids) - max_length + 1, max_length)]
+        if not features:
+            raise ValueError(f"{source}: fewer than max_length={max_length} tokens in total; nothing to pack")
+    return [{"input_ids": torch.tensor(f["input_ids"]), "attention_mask": torch.ones(len(f["input_ids"]), dtype=torch.long),
+             "labels": torch.tensor(f["labels"])} for f in features]
+
+
+def _ids(encoded: Any) -> list[int]:
+    return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded

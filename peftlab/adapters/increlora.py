@@ -258,7 +258,8 @@ class IncreLoRAConfig(AdapterConfig):
     orth_reg_weight: float = opt(0.1, "γ of the orthogonality regularizer over active and reserve components")
     beta1: float = opt(0.85, "EMA factor of the module score")
     beta2: float = opt(0.85, "EMA factor of the score's uncertainty")
-    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / ranknum (the live rank)")
+    lora_alpha: float = opt(64.0, "the update is scaled by lora_alpha / ranknum (the live rank); as AdaLoRA's, "
+                                  "its E starts at 0, so a larger alpha than LoRA's")
     lora_dropout: float = opt(0.0, "dropout on the adapter branch's input")
     rank_pattern: dict[str, int] = opt({}, "live rank per module (written on save, read on load)")
     reserve_pattern: dict[str, int] = opt({}, "reserve components per module (written on save, read on load)")

@@ -40,7 +40,8 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (non-reentrant)")
     load_in_4bit: bool = opt(False, "load the base model in bitsandbytes NF4 (QLoRA)")
     max_nonfinite_steps: int = opt(5, "stop after this many optimizer steps in a row with a NaN/inf loss or gradient")
-    prepare_batches: int = opt(16, "training batches handed to the adapter's prepare() (EVA, SaRA)")
+    prepare_batches: int = opt(16, "training batches handed to the adapter's prepare() (EVA)")
+    group_by_length: bool = opt(False, "batch examples of similar length together (less padding)")
     disable_tqdm: bool = opt(False, "no progress bar")
 
     def __post_init__(self) -> None:

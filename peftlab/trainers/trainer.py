@@ -98,8 +98,9 @@ class Trainer:
         cfg, acc, model = self.config, self.accelerator, self.model
         set_seed(cfg.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        lengths = [len(row["input_ids"]) for row in self.train_dataset] if cfg.group_by_length else None
         batches = EpochBatches(len(self.train_dataset), cfg.per_device_train_batch_size,
-                               acc.num_processes, acc.process_index, cfg.seed)
+                               acc.num_processes, acc.process_index, cfg.seed, lengths=lengths)
         total = cfg.total_steps(len(batches))
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
@@ -121,7 +122,7 @@ class Trainer:
         ddp_model = acc.prepare(model)
         metrics: dict[str, Any] = {}
 
-        bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True,
+        bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
                    disable=cfg.disable_tqdm or not acc.is_main_process)
         micro_batches = self._micro_batches(batches, micro)
         window: list[float] = []

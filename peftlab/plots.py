@@ -1,0 +1,50 @@
+"""Plots of a finished run, drawn from its metrics.jsonl: loss.png, and ranks.png for methods whose
+ranks change or are data-driven (a heatmap of every layer's rank over training)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_run(output_dir: str | Path) -> list[str]:
+    """Write the plots of the run in `output_dir`; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output_dir)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    written = []
+    if train:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+        evals = [r for r in records if "eval_loss" in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=120)
+        plt.close(fig)
+        written.append("loss.png")
+    ranked = [r for r in records if "ranks" in (r.get("report") or {})]
+    if ranked:
+        layers = list(ranked[-1]["report"]["ranks"])
+        grid = [[r["report"]["ranks"].get(name, 0) for r in ranked] for name in layers]
+        fig, ax = plt.subplots(figsize=(7, max(3, 0.18 * len(layers))))
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_yticks(range(len(layers)), [n.replace("model.", "").replace("encoder.layer.", "L") for n in layers],
+                      fontsize=6)
+        steps = [r["step"] for r in ranked]
+        ticks = list(range(0, len(steps), max(1, len(steps) // 8)))
+        ax.set_xticks(ticks, [steps[i] for i in ticks])
+        ax.set_xlabel("optimizer step")
+        fig.colorbar(image, ax=ax, label="rank")
+        fig.tight_layout()
+        fig.savefig(out / "ranks.png", dpi=120)
+        plt.close(fig)
+        written.append("ranks.png")
+    return written

