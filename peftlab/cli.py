@@ -131,7 +131,7 @@ def build_data(settings: dict[str, Any], tokenizer, data: DataConfig):
 
 def prepare_run(settings: dict[str, Any]):
     """Model, tokenizer, datasets and configs of a run, wrapped and ready for the Trainer."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
 
     from . import quant
     from .adapters.inject import wrap
@@ -141,6 +141,7 @@ def prepare_run(settings: dict[str, Any]):
 
     data = DataConfig(**settings["data"])
     train_config = TrainConfig(**settings["train"])
+    set_seed(train_config.seed)  # the head's and the adapters' random init are part of the run
     model_path = settings["model"] or default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:

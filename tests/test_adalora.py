@@ -144,7 +144,7 @@ def test_merge_with_masked_triplets_and_save_load_round_trip(tmp_path):
     loaded = peftlab.load_adapter(tiny_llama(), tmp_path)
     assert torch.equal(loaded(x).logits, expected)
     assert [l.rank for l in loaded.peftlab.layers.values()][:2] == [2, 0]
-    assert all(l.scale == pytest.approx(16 / (6 + 1e-5)) for l in loaded.peftlab.layers.values())
+    assert all(l.scale == pytest.approx(64 / (6 + 1e-5)) for l in loaded.peftlab.layers.values())  # α / r0
     torch.testing.assert_close(peftlab.merge(model)(x).logits, expected, atol=1e-5, rtol=1e-5)
     assert ctl.report()["budget"] == 2 + 0 + 6 + 6
 

@@ -58,6 +58,16 @@ def test_train_each_method_end_to_end(method, tiny_bert, reviews, tmp_path, caps
     assert loaded.peftlab.method.name == method
 
 
+def test_a_run_is_reproducible_from_its_seed(tiny_bert, reviews, tmp_path):
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        assert run("train", "--adapter", "lora", "--model", tiny_bert, "--dataset", reviews, "--output-dir",
+                   tmp_path / name, "max_steps=3", "per_device_train_batch_size=8", "disable_tqdm=true") == 0
+    a, b = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the head's and adapters' init are seeded too"
+
+
 def test_dry_run_prints_settings_and_the_trainable_line(tiny_bert, reviews, capsys):
     assert run("train", "--adapter", "eva", "--model", tiny_bert, "--dataset", reviews, "--dry-run", "r=4") == 0
     out = capsys.readouterr().out

@@ -88,7 +88,7 @@ def test_scale_jump_and_warmup_of_new_components():
     run(model, 7)  # t = 0..6; the first growth happens at t = 6
     name = next(n for n, l in model.peftlab.layers.items() if l.rank == 2)
     layer = model.peftlab.layers[name]
-    assert layer.scale == pytest.approx(16 / (2 + 1e-5))  # α / ranknum: it was α / 1 before growing
+    assert layer.scale == pytest.approx(64 / (2 + 1e-5))  # α / ranknum: it was α / 1 before growing
     row = int(torch.nonzero(ctl.e_born[name] == 6)[0])
     # one step later the new component takes (age + 1) / (warmup + 1) = 2/5 of its plain update
     x = tokens()

@@ -200,10 +200,7 @@ class AdaLoRAController(Controller):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            raise ValueError(f"adalora controller state does not fit this model: "
-                             f"missing {sorted(expected - set(state))[:4]}, unexpected {sorted(set(state) - expected)[:4]}")
+        self.check_state_keys(state)
         for key, pair in self.ema.items():
             for part in pair:
                 pair[part].copy_(state[f"ema.{key}.{part}"])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterConfig, AdapterLayer, opt
+from .base import AdapterConfig, AdapterLayer, LowRankLayer, opt
 from .registry import register
 
 
@@ -47,36 +47,17 @@ class ALLoRABranch(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None
 
 
-class ALLoRALinear(AdapterLayer):
+class ALLoRALinear(LowRankLayer):
     def __init__(self, base_layer: nn.Module, config: "ALLoRAConfig", name: str):
         super().__init__(base_layer)
         device = next(base_layer.parameters()).device
-        self.r, self.inv_eta_sq = config.r, 1.0 / config.eta ** 2
+        self.r, self.inv_eta_sq, self.scale = config.r, 1.0 / config.eta ** 2, 1.0  # no α/r (spec §A3)
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))   # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))  # (d_out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0 (spec §A3)
 
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
-
     def branch(self, x: Tensor) -> Tensor:
         return ALLoRABranch.apply(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.inv_eta_sq)
-
-    def delta_weight(self) -> Tensor:
-        return self.lora_B.float() @ self.lora_A.float()
-
-    def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
-        if rank is not None and rank < self.r:
-            return super().lora_factors(rank)
-        return self.lora_A.detach().float(), self.lora_B.detach().float()
-
-    def peft_state(self) -> dict[str, Tensor]:
-        return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
-
-    @torch.no_grad()
-    def load_peft_state(self, state: dict[str, Tensor]) -> None:
-        self.lora_A.copy_(state["lora_A.weight"])
-        self.lora_B.copy_(state["lora_B.weight"])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, eta={self.inv_eta_sq ** -0.5:g}"

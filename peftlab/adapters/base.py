@@ -203,6 +203,34 @@ class AdapterLayer(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
 
 
+class LowRankLayer(AdapterLayer):
+    """The B·A factor pair that LoRA-family layers share: PEFT's key names and exact factors.
+    Subclasses create `lora_A` (r, d_in), `lora_B` (d_out, r) and set `scale`."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    scale: float
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, d_in)
+
+    def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
+        if rank is not None and rank < self.lora_A.shape[0]:
+            return super().lora_factors(rank)
+        return self.lora_A.detach().float() * self.scale, self.lora_B.detach().float()
+
+    def peft_state(self) -> dict[str, Tensor]:
+        return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
+
+    @torch.no_grad()
+    def load_peft_state(self, state: dict[str, Tensor]) -> None:
+        self.lora_A.copy_(state["lora_A.weight"])
+        self.lora_B.copy_(state["lora_B.weight"])
+
+
 class FoldedUpdate(torch.autograd.Function):
     """y = base_op(x, W0 + ΔW(params)) in one product; backward rebuilds the weight instead of
     keeping it, and maps the transient dense ∂L/∂W onto the method's parameters."""
@@ -310,8 +338,14 @@ class Controller:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} keeps no state but was given keys {sorted(state)}")
+        self.check_state_keys(state)
+
+    def check_state_keys(self, state: dict[str, Any]) -> None:
+        """A checkpoint's controller state must fit this model exactly (same method, same layers)."""
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"{type(self).__name__} state does not fit this model: missing "
+                             f"{sorted(expected - set(state))[:4]}, unexpected {sorted(set(state) - expected)[:4]}")
 
     def report(self) -> dict[str, Any]:
         """Values for the logger, e.g. the live rank of each module and the budget."""

@@ -220,10 +220,7 @@ class IncreLoRAController(Controller):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            raise ValueError(f"increlora controller state does not fit this model: "
-                             f"missing {sorted(expected - set(state))[:4]}, unexpected {sorted(set(state) - expected)[:4]}")
+        self.check_state_keys(state)
         for name, layer in self.layers.items():
             self.ema[name].copy_(state[f"ema.{name}"])
             self.e_born[name].copy_(state[f"e_born.{name}"])

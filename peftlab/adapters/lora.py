@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterConfig, AdapterLayer, opt, pattern_value
+from .base import AdapterConfig, AdapterLayer, LowRankLayer, opt, pattern_value
 from .registry import register
 
 
-class LoRALinear(AdapterLayer):
+class LoRALinear(LowRankLayer):
     def __init__(self, base_layer: nn.Module, config: "LoRAConfig", name: str):
         super().__init__(base_layer)
         self.r = config.rank_for(name)
@@ -41,28 +41,9 @@ class LoRALinear(AdapterLayer):
         else:
             self.lora_B.zero_()
 
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
-
     def branch(self, x: Tensor) -> Tensor:
         h = self.dropout(x.to(self.lora_A.dtype))             # (..., d_in)
         return (h @ self.lora_A.t() @ self.lora_B.t()) * self.scale  # (..., r) -> (..., d_out)
-
-    def delta_weight(self) -> Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, d_in)
-
-    def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
-        if rank is not None and rank < self.r:
-            return super().lora_factors(rank)
-        return self.lora_A.detach().float() * self.scale, self.lora_B.detach().float()
-
-    def peft_state(self) -> dict[str, Tensor]:
-        return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
-
-    @torch.no_grad()
-    def load_peft_state(self, state: dict[str, Tensor]) -> None:
-        self.lora_A.copy_(state["lora_A.weight"])
-        self.lora_B.copy_(state["lora_B.weight"])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scale={self.scale:g}"

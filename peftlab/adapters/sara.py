@@ -189,10 +189,7 @@ class SaRAController(Controller):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            raise ValueError(f"sara controller state does not fit this model: "
-                             f"missing {sorted(expected - set(state))[:4]}, unexpected {sorted(set(state) - expected)[:4]}")
+        self.check_state_keys(state)
         for name, layer in self.layers.items():
             layer.frozen.copy_(state[f"frozen.{name}"])
             layer.frozen_values = state[f"frozen_values.{name}"].clone().to(layer.idx.device)
