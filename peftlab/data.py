@@ -214,7 +214,8 @@ def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_l
         else:
             full = tokenizer(str(_column(row, "text", source, number)))["input_ids"] + eos
             labels = list(full)
-        features.append({"input_ids": full[:max_length], "labels": labels[:max_length]})
+        limit = None if packing else max_length  # packed examples are cut into blocks below, not truncated
+        features.append({"input_ids": full[:limit], "labels": labels[:limit]})
     if packing:
         ids = [t for f in features for t in f["input_ids"]]
         labels = [t for f in features for t in f["labels"]]

@@ -34,3 +34,22 @@ def test_callback_restores_controller_state_on_resume(tmp_path):
     hf_trainer(again, tmp_path, max_steps=6).train(resume_from_checkpoint=True)
     assert spy.calls[0] == ("load", 9), "state of checkpoint-4 restored, prepare not run again"
     assert [c[1] for c in spy.calls if c[0] == "after"] == [4, 5]
+
+
+def test_adalora_under_the_hf_trainer_reaches_its_target_budget(tmp_path):
+    """With PEFT alone the HF Trainer never calls AdaLoRA's allocator (PEFT #1801); here it does."""
+    model = peftlab.wrap(tiny_llama(), "adalora", init_r=6, target_r=2, total_step=12, tinit=2, tfinal=4)
+    ctl = peftlab.controller(model)
+    assert ctl.report()["budget"] == 6 * 14
+    hf_trainer(model, tmp_path, max_steps=12).train()
+    assert ctl.report()["budget"] == ctl.target_budget == 2 * 14
+    masked = [l for l in model.peftlab.layers.values() if not l.active.all()]
+    assert masked and all(torch.count_nonzero(l.lora_E[~l.active]) == 0 for l in masked)
+
+
+def test_callback_refuses_a_schedule_for_another_run_length(tmp_path):
+    import pytest
+
+    model = peftlab.wrap(tiny_llama(), "adalora", total_step=50)
+    with pytest.raises(ValueError, match="total_step=50 but training runs 4 optimizer steps"):
+        hf_trainer(model, tmp_path, max_steps=4).train()

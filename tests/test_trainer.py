@@ -213,3 +213,31 @@ def test_trainer_needs_a_wrapped_model_and_data(tmp_path):
         peftlab.Trainer(tiny_llama(), config(tmp_path), lm_dataset())
     with pytest.raises(ValueError, match="train_dataset is empty"):
         peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora"), config(tmp_path), [])
+
+
+@pytest.mark.parametrize("option", ["adamw_8bit", "gradient_checkpointing", "bf16"])
+def test_training_options_learn(option, tmp_path):
+    kw = {"optim": "adamw_8bit"} if option == "adamw_8bit" else {option: True}
+    model = peftlab.wrap(tiny_llama(), "lora", r=8, lora_dropout=0.0)
+    trainer = peftlab.Trainer(model, config(tmp_path, max_steps=25, learning_rate=2e-2, **kw),
+                              lm_dataset(num_starts=4), eval_dataset=lm_dataset(8, seed=1, num_starts=4))
+    before = trainer.evaluate()["eval_loss"]
+    after = trainer.train()["eval_loss"]
+    assert after < before - 0.3, (before, after)
+    if option == "adamw_8bit":
+        import bitsandbytes as bnb
+        assert isinstance(trainer._optimizer(), bnb.optim.AdamW8bit)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    x = lm_dataset(4)
+    batch = {k: torch.stack([r[k] for r in x]) for k in x[0]}
+    grads = []
+    for checkpointing in (False, True):
+        model = peftlab.wrap(tiny_llama(), "lora", r=4, init_lora_weights=False).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(**batch).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -79,9 +80,13 @@ class Trainer:
         self.collate = data_collator or PadCollator()
         if config.bf16 and not _bf16_supported():
             raise ValueError("bf16=True but this hardware has no bfloat16 support; set bf16=False")
+        precision = "bf16" if config.bf16 else "no"
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+            # Accelerate keeps one precision per process; a second Trainer with another one must be
+            # able to start (the process group, kept in PartialState, is left alone)
+            AcceleratorState._reset_state()
         # cpu=True on GPU-less machines is what lets `accelerate launch --multi_gpu` (torchrun) run gloo DDP
-        self.accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no",
-                                       cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         self.output_dir = Path(config.output_dir)
         self.nonfinite_steps = 0  # in a row
         self.nonfinite_total = 0
