@@ -95,7 +95,13 @@ class RandLoRALinear(FoldedLayer):
 
     # --- the folded path (no dropout) ---
     def live_weight(self, dtype: torch.dtype, lam: Tensor, gam: Tensor) -> Tensor:
-        return self.storage_weight().to(dtype) + self.to_storage(self.canonical_delta(lam.float(), gam.float())).to(dtype)
+        small, large = self.factors(lam.float(), gam.float(), autograd=False)
+        weight = self.to_canonical(self.storage_weight()).to(dtype)             # (d_out, d_in), a view
+        if self.in_features <= self.out_features:                               # W + s·B̃Ã in one addmm
+            live = torch.addmm(weight, large.to(dtype), small.to(dtype), alpha=self.scale)
+        else:
+            live = torch.addmm(weight, small.t().to(dtype), large.t().to(dtype), alpha=self.scale)
+        return self.to_storage(live)
 
     def param_grads(self, grad_weight: Tensor, lam: Tensor, gam: Tensor) -> tuple[Tensor, Tensor]:
         grad = self.scale * self.to_canonical(grad_weight).float()           # ∂L/∂(B̃Ã) in (d_out, d_in)
