@@ -355,7 +355,14 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come before and after options; argparse alone keeps only the first run
+    strays = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "train"]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:

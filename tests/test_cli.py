@@ -69,10 +69,11 @@ def test_a_run_is_reproducible_from_its_seed(tiny_bert, reviews, tmp_path):
 
 
 def test_dry_run_prints_settings_and_the_trainable_line(tiny_bert, reviews, capsys):
-    assert run("train", "--adapter", "eva", "--model", tiny_bert, "--dataset", reviews, "--dry-run", "r=4") == 0
+    assert run("train", "--adapter", "eva", "r=4", "--model", tiny_bert, "--dataset", reviews, "--dry-run", "rho=1.5") == 0
     out = capsys.readouterr().out
     settings = yaml.safe_load(out[:out.index("examples:")])
     assert settings["adapter"] == "evalora" and settings["adapter_config"]["r"] == 4
+    assert settings["adapter_config"]["rho"] == 1.5, "overrides on both sides of the options"
     assert settings["train"]["learning_rate"] == pytest.approx(1e-3)  # from configs/evalora.yaml
     assert "trainable params: " in out and "|| all params: " in out
 
