@@ -176,7 +176,8 @@ def test_evaluate_reports_accuracy_for_classification(tmp_path):
 
 QLORA = {"lora": {"r": 8}, "adalora": {"init_r": 8, "target_r": 4, "total_step": 30},
          "increlora": {"init_r": 2, "target_r": 6, "total_step": 30}, "allora": {"r": 8},
-         "sara": {"target_fraction": 0.1, "total_step": 30}}
+         "sara": {"target_fraction": 0.1, "total_step": 30}, "evalora": {"r": 8},
+         "randlora": {"r": 8, "randlora_alpha": 32.0}}
 
 
 @pytest.mark.parametrize("method", QLORA)
