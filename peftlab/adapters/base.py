@@ -238,14 +238,18 @@ class FoldedUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, layer: "FoldedLayer", *params: Tensor) -> Tensor:
         ctx.layer = layer
+        weight = layer.live_weight(x.dtype, *params)
+        ctx.weight = weight if layer.keep_weight else None
         ctx.save_for_backward(x, *params)
-        return layer.base_op(x, layer.live_weight(x.dtype, *params))
+        return layer.base_op(x, weight)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, *params = ctx.saved_tensors
         layer = ctx.layer
-        grad_x, grad_w = layer.base_grads(x, layer.live_weight(x.dtype, *params), grad_out, ctx.needs_input_grad[0])
+        weight = ctx.weight if ctx.weight is not None else layer.live_weight(x.dtype, *params)
+        ctx.weight = None
+        grad_x, grad_w = layer.base_grads(x, weight, grad_out, ctx.needs_input_grad[0])
         return (grad_x, None, *layer.param_grads(grad_w, *params))
 
 
@@ -253,6 +257,8 @@ class FoldedLayer(AdapterLayer):
     """For full-rank and sparse updates, whose ΔW costs as much as the base product: the update is
     folded into the base weight for each forward (W0 + ΔW, one matmul), in the base module's own
     storage layout, and gradients come from the dense ∂L/∂W of that product (spec SaRA §B4.2)."""
+
+    keep_weight = False  # True: keep W0 + ΔW from forward for backward instead of rebuilding it
 
     def storage_weight(self) -> Tensor:
         """W0 in the base module's storage layout (dequantized for a 4-bit base)."""

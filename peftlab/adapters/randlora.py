@@ -69,6 +69,10 @@ class ScaleBases(torch.autograd.Function):
 
 
 class RandLoRALinear(FoldedLayer):
+    # rebuilding W0 + s·B̃Ã costs d·D·R per layer; keeping it costs d·D floats, about what PEFT's
+    # RandLoRA keeps for its own backward (Ã and x·Ãᵀ), so speed wins here (SaRA rebuilds: memory)
+    keep_weight = True
+
     def __init__(self, base_layer: nn.Module, config: "RandLoRAConfig", name: str):
         super().__init__(base_layer)
         self.r = config.r
