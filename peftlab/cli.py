@@ -271,6 +271,86 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def adapter_size(method: str, model_path: str | None, knob: float, task: str = "seq-cls") -> int:
+    """Trainable adapter parameters of `method` at size `knob` on the model, at the end of training
+    (AdaLoRA/IncreLoRA/EVA: their final total rank, counted as LoRA's; SaRA: knob is a fraction)."""
+    from .adapters.inject import wrap
+    from .quant import load_model
+
+    model = load_model(model_path or default_model(), task)
+    name, kwargs = {"adalora": ("lora", {"r": int(knob)}), "increlora": ("lora", {"r": int(knob)}),
+                    "evalora": ("lora", {"r": int(knob)}), "sara": ("lora", {"r": 1}),
+                    "randlora": ("randlora", {"r": int(knob)})}.get(method, (method, {"r": int(knob)}))
+    wrap(model, name, modules_to_save=[], **kwargs)
+    layers = model.peftlab.layers.values()
+    if method == "sara":
+        return int(knob * sum(l.in_features * l.out_features for l in layers))
+    return sum(p.numel() for l in layers for p in l.adapter_parameters().values())
+
+
+def match_budget(method: str, model_path: str | None, budget: int) -> dict[str, Any]:
+    """The method's size setting whose parameter count comes closest to `budget`."""
+    if method == "sara":
+        return {"target_fraction": round(budget / adapter_size("sara", model_path, 1.0), 6)}
+    sizes = {r: adapter_size(method, model_path, r) for r in (1, 2, 4, 8, 16, 32, 64)}
+    best = min(sizes, key=lambda r: abs(sizes[r] - budget))
+    key = {"adalora": "target_r", "increlora": "target_r"}.get(method, "r")
+    extra = {"init_r": max(best, round(1.5 * best))} if method == "adalora" else {}
+    extra = {"init_r": max(1, best // 2)} if method == "increlora" else extra
+    return {key: best, **extra}
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train several methods on the same data at a matched parameter budget; table + plot."""
+    import subprocess
+
+    methods = [m.strip() for m in args.adapters.split(",") if m.strip()]
+    from .adapters.registry import get_method
+
+    methods = [get_method(m).name for m in methods]
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in methods:
+        sizing = match_budget(method, args.model, args.budget) if args.budget else {}
+        cmd = [sys.executable, "-m", "peftlab.cli", "train", "--adapter", method, "--output-dir", str(out / method),
+               *(["--model", args.model] if args.model else []), *(["--dataset", args.dataset] if args.dataset else []),
+               "disable_tqdm=true", *[f"{k}={v}" for k, v in sizing.items()], *args.overrides]
+        print(f"== {method} {' '.join(f'{k}={v}' for k, v in sizing.items())}", flush=True)
+        (out / method).mkdir(exist_ok=True)
+        with open(out / method / "train.log", "w") as log:  # a file, not a pipe: a full pipe would block the run
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(process.pid, 0)  # the child's own rusage: its peak memory
+        if status != 0:
+            raise RuntimeError(f"training {method} failed; see {out / method / 'train.log'}:\n"
+                               f"{(out / method / 'train.log').read_text()[-1500:]}")
+        summary = json.loads((out / method / "summary.json").read_text())
+        metrics = [json.loads(l) for l in (out / method / "metrics.jsonl").read_text().splitlines()]
+        step_time = next((m["step_time"] for m in reversed(metrics) if "step_time" in m), float("nan"))
+        params = int(summary["trainable"].split("trainable params: ")[1].split(" ")[0].replace(",", ""))
+        score = summary.get("eval_accuracy", summary.get("eval_loss"))
+        rows.append({"adapter": method, "score": score, "trainable": params, "step_ms": round(1e3 * step_time, 1),
+                     "peak_rss_mib": round(usage.ru_maxrss / 1024), **sizing})
+    metric = "eval_accuracy" if rows and all("eval_accuracy" in json.loads((out / r["adapter"] / "summary.json").read_text()) for r in rows) else "eval_loss"
+    print(f"\n{'adapter':<10} {metric:>13} {'trainable':>11} {'step ms':>8} {'peak MiB':>9}")
+    for r in rows:
+        print(f"{r['adapter']:<10} {r['score']:>13.4f} {r['trainable']:>11,} {r['step_ms']:>8} {r['peak_rss_mib']:>9}")
+    (out / "compare.json").write_text(json.dumps({"metric": metric, "budget": args.budget, "rows": rows}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([r["adapter"] for r in rows], [r["score"] for r in rows])
+    ax.set_ylabel(metric)
+    ax.set_title(f"same data{f', budget {args.budget:,} params' if args.budget else ''}")
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=120)
+    print(f"written to {out}: compare.json, compare.png, one run directory per adapter")
+    return 0
+
+
 def _example(text: str) -> str:
     return f"example:\n  {text}"
 
@@ -293,6 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and the trainable-parameter line, then stop")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any adapter, training or data key")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("compare", help="train several methods at a matched budget", description=cmd_compare.__doc__,
+                       formatter_class=fmt, epilog=_example("peftlab compare --adapters lora,evalora,adalora --budget 300000"))
+    p.add_argument("--adapters", required=True, help="comma-separated method names")
+    p.add_argument("--budget", type=int, help="trainable adapter parameters each method is sized to (closest match)")
+    p.add_argument("--model", help="model path or hub name (default: the packaged MiniLM)")
+    p.add_argument("--dataset", help="data file or hub dataset (default: the embedded sentiment task)")
+    p.add_argument("--output-dir", default="runs/compare")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings applied to every run")
+    p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser("adapters", help="list the adapter methods", description=cmd_adapters.__doc__,
                        formatter_class=fmt, epilog=_example("peftlab adapters --fields adalora"))
@@ -358,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before and after options; argparse alone keeps only the first run
-    strays = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "train"]
+    strays = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("train", "compare")]
     if strays:
         parser.error(f"unrecognized arguments: {' '.join(strays)}")
     if extra:

@@ -139,7 +139,7 @@ def test_export_merge_and_eval(tiny_bert, reviews, tmp_path, capsys):
 
 
 def test_help_of_every_command_has_an_example(capsys):
-    for command in ("train", "adapters", "merge", "export", "eval"):
+    for command in ("train", "adapters", "merge", "export", "eval", "compare"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "example:" in capsys.readouterr().out
@@ -149,3 +149,18 @@ def test_adapters_table_lists_every_method(capsys):
     assert run("adapters", "--fields", "sara") == 0
     out = capsys.readouterr().out
     assert all(m in out for m in METHODS) and "target_fraction = 0.05" in out and "eva" in out
+
+
+def test_compare_sizes_methods_to_one_budget_and_writes_a_table(tiny_bert, reviews, tmp_path, capsys):
+    from peftlab.cli import adapter_size, match_budget
+
+    budget = adapter_size("lora", tiny_bert, 4)
+    assert match_budget("lora", tiny_bert, budget) == {"r": 4}
+    fraction = match_budget("sara", tiny_bert, budget)["target_fraction"]
+    assert abs(adapter_size("sara", tiny_bert, fraction) - budget) <= 1
+    assert run("compare", "--adapters", "lora,sara", "--budget", budget, "--model", tiny_bert, "--dataset", reviews,
+               "--output-dir", tmp_path, "max_steps=4", "per_device_train_batch_size=8") == 0
+    table = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["adapter"] for r in table["rows"]] == ["lora", "sara"] and table["metric"] == "eval_accuracy"
+    assert all(r["step_ms"] > 0 and r["peak_rss_mib"] > 0 for r in table["rows"])
+    assert (tmp_path / "compare.png").is_file() and "eval_accuracy" in capsys.readouterr().out
