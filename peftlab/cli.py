@@ -200,7 +200,8 @@ def print_table(summary: dict[str, Any]) -> None:
     print("-" * (width + 30))
 
 
-def _base_for(adapter_dir: str, model: str | None, load_in_4bit: bool = False):
+def _base_for(adapter_dir: str, model: str | None, load_in_4bit: bool | None = None):
+    """The base model an adapter was trained on, loaded as it was trained (4-bit if it was)."""
     from . import quant
     from .io import CONFIG_NAME
 
@@ -209,10 +210,11 @@ def _base_for(adapter_dir: str, model: str | None, load_in_4bit: bool = False):
     if not path:
         raise ValueError(f"{adapter_dir} does not name its base model; pass --model")
     task = "causal-lm" if saved.get("task_type") == "CAUSAL_LM" else "seq-cls"
-    num_labels = 2
     run = Path(adapter_dir) / "run.yaml"
-    if run.is_file():
-        num_labels = (yaml.safe_load(run.read_text()).get("data") or {}).get("num_labels", 2)
+    settings = yaml.safe_load(run.read_text()) if run.is_file() else {}
+    num_labels = (settings.get("data") or {}).get("num_labels", 2)
+    if load_in_4bit is None:
+        load_in_4bit = bool((settings.get("train") or {}).get("load_in_4bit", False))
     return quant.load_model(path, task, load_in_4bit=load_in_4bit, num_labels=num_labels), path
 
 
@@ -223,13 +225,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .io import load_adapter
     from .adapters.inject import merge
 
-    model, path = _base_for(args.adapter_dir, args.model, args.load_in_4bit)
-    merged = merge(load_adapter(model, args.adapter_dir))
+    import warnings
+
+    from . import quant
+
+    model, path = _base_for(args.adapter_dir, args.model, True if args.load_in_4bit else None)
+    four_bit = any(quant.is_4bit(m) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the note below says it once, plainly
+        merged = merge(load_adapter(model, args.adapter_dir))
     if args.dtype != "float32":
         merged = merged.to(getattr(torch, args.dtype))
+    if four_bit:
+        merged.config.quantization_config = None
+        if hasattr(merged, "hf_quantizer"):
+            merged.hf_quantizer = None
+        merged.is_quantized = False
     merged.save_pretrained(args.output_dir)
-    if args.load_in_4bit:
-        print("note: merged onto the dequantized 4-bit base and saved unquantized (never re-quantized)")
+    if four_bit:
+        print("note: the adapter was trained on a 4-bit base; merged onto the dequantized weights and saved "
+              f"unquantized ({args.dtype}), never re-quantized, which would lose most of the update")
     print(f"merged model written to {args.output_dir}")
     return 0
 
@@ -394,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter_dir")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--model", help="base model (default: the one named in adapter_config.json)")
-    p.add_argument("--load-in-4bit", action="store_true", help="the adapter was trained on a 4-bit base: merge onto its dequantized weights")
+    p.add_argument("--load-in-4bit", action="store_true", help="load the base in 4-bit even if the run did not record it "
+                   "(a run trained with --load-in-4bit is detected); the merge goes onto the dequantized weights")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved model (cast once, after merging in float32)")
     p.set_defaults(run=cmd_merge)
 

@@ -164,3 +164,21 @@ def test_compare_sizes_methods_to_one_budget_and_writes_a_table(tiny_bert, revie
     assert [r["adapter"] for r in table["rows"]] == ["lora", "sara"] and table["metric"] == "eval_accuracy"
     assert all(r["step_ms"] > 0 and r["peak_rss_mib"] > 0 for r in table["rows"])
     assert (tmp_path / "compare.png").is_file() and "eval_accuracy" in capsys.readouterr().out
+
+
+def test_merge_of_a_4bit_run_goes_onto_the_dequantized_base(tiny_bert, reviews, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "q"
+    assert run("train", "--adapter", "lora", "--model", tiny_bert, "--dataset", reviews, "--output-dir", out,
+               "--load-in-4bit", "max_steps=4", "per_device_train_batch_size=8", "disable_tqdm=true") == 0
+    base, _ = peftlab.cli._base_for(str(out), None)
+    assert any(peftlab.quant.is_4bit(m) for m in base.modules()), "the run's 4-bit setting is remembered"
+    model = peftlab.load_adapter(base, out)
+    x = {"input_ids": torch.tensor([[101, 2204, 3185, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    expected = model(**x).logits
+    assert run("merge", out, "--output-dir", tmp_path / "merged") == 0
+    assert "dequantized" in capsys.readouterr().out
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert not any(peftlab.quant.is_4bit(m) for m in merged.modules())
+    torch.testing.assert_close(merged(**x).logits, expected, atol=1e-4, rtol=1e-4)
