@@ -104,9 +104,10 @@ def default_model() -> str:
 def build_data(settings: dict[str, Any], tokenizer, data: DataConfig):
     """(train, eval) feature lists for the run."""
     from . import data as datalib
+    from .quant import TASKS
 
-    if data.task not in datalib.TASKS:
-        raise ValueError(f"task must be one of {', '.join(datalib.TASKS)}, got {data.task!r}")
+    if data.task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {data.task!r}")
     if settings["dataset"] is None:
         if data.task != "seq-cls":
             raise ValueError("the embedded dataset is a classification task; pass --dataset for task=causal-lm")

@@ -119,9 +119,6 @@ def sentiment_dataset(n: int, seed: int) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- files and hub datasets
-TASKS = ("seq-cls", "causal-lm")
-
-
 def read_records(source: str) -> list[dict[str, Any]]:
     """Rows of a local jsonl / json / csv / parquet file, or the train split of a Hugging Face dataset."""
     path = Path(source)

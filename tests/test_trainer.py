@@ -210,6 +210,8 @@ def test_config_validation_names_the_value(kwargs, message):
 
 
 def test_trainer_needs_a_wrapped_model_and_data(tmp_path):
+    with pytest.raises(ValueError, match="load_in_4bit=True but the model has no 4-bit layers"):
+        peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora"), config(tmp_path, load_in_4bit=True), lm_dataset())
     with pytest.raises(ValueError, match="no peftlab adapters"):
         peftlab.Trainer(tiny_llama(), config(tmp_path), lm_dataset())
     with pytest.raises(ValueError, match="train_dataset is empty"):

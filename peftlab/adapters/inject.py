@@ -211,7 +211,3 @@ def trainable_summary(model: nn.Module) -> str:
         total += n
         trainable += n if p.requires_grad else 0
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
-
-
-def wrapped_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    return state_of(model).layers

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import quant
 from ..adapters.base import Controller
 from ..adapters.inject import controller as controller_of
 from ..adapters.inject import state_of
@@ -78,6 +79,9 @@ class Trainer:
         self.model, self.config = model, config
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.collate = data_collator or PadCollator()
+        if config.load_in_4bit and not any(quant.is_4bit(m) for m in model.modules()):
+            raise ValueError("load_in_4bit=True but the model has no 4-bit layers; load it with "
+                             "peftlab.quant.load_model(path, task, load_in_4bit=True) before wrapping")
         if config.bf16 and not _bf16_supported():
             raise ValueError("bf16=True but this hardware has no bfloat16 support; set bf16=False")
         precision = "bf16" if config.bf16 else "no"
