@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from .base import AdapterConfig, AdapterLayer, Controller, opt
 from .registry import register
 
@@ -51,6 +52,10 @@ class SVDLinear(AdapterLayer):
     def singular_values(self) -> Tensor:
         """E as the forward uses it (a masked AdaLoRA triplet may revive between masks: no mask here)."""
         return self.lora_E
+
+    def low_rank_product(self) -> kernels.LowRankProduct | None:
+        return kernels.LowRankProduct(self.lora_A * self.singular_values(), self.lora_B, self.scale,
+                                      kernels.dropout_p(self.dropout))
 
     def branch(self, x: Tensor) -> Tensor:
         h = self.dropout(x.to(self.lora_A.dtype))                          # (..., d_in)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from .base import AdapterConfig, AdapterLayer, LowRankLayer, opt
 from .registry import register
 
@@ -55,6 +56,10 @@ class ALLoRALinear(LowRankLayer):
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))   # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))  # (d_out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0 (spec §A3)
+
+    def low_rank_product(self) -> kernels.LowRankProduct | None:
+        c = row_coefficients(self.lora_A, self.lora_B, self.inv_eta_sq)
+        return kernels.LowRankProduct(self.lora_A, self.lora_B, 1.0, row_scale=c)
 
     def branch(self, x: Tensor) -> Tensor:
         return ALLoRABranch.apply(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.inv_eta_sq)

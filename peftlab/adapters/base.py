@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .. import quant
+from .. import kernels, quant
 
 
 def opt(default: Any, doc: str, **kw: Any) -> Any:
@@ -47,6 +47,11 @@ class AdapterConfig:
         "modules trained in full and saved with the adapter (e.g. a classification head); "
         "None = the head of a *ForSequenceClassification / *ForTokenClassification model",
     )
+    fused: bool = opt(
+        True,
+        "LoRA-family layers (lora, adalora, increlora, evalora, allora) run base + adapter as one fused "
+        "autograd kernel; False = the plain eager path. randlora and sara always fold their update",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", _as_tuple(self.target_modules, "target_modules"))
@@ -69,7 +74,7 @@ class AdapterConfig:
     def peft_fields(self, layers: dict[str, "AdapterLayer"]) -> dict[str, Any]:
         """The method's hyperparameters as written to adapter_config.json (targeting is added by io);
         `layers` lets a method record per-module state such as live ranks."""
-        return {k: v for k, v in self.to_dict().items() if k not in _TARGETING}
+        return {k: v for k, v in self.to_dict().items() if k not in _NOT_METHOD}
 
     def peftlab_fields(self) -> dict[str, Any]:
         """Hyperparameters the PEFT format has no key for; io keeps them in peftlab.json."""
@@ -78,7 +83,7 @@ class AdapterConfig:
     @classmethod
     def peft_keys(cls) -> set[str]:
         """The adapter_config.json keys this method reads (io warns about the others it does not know)."""
-        return {f.name for f in fields(cls)} - _TARGETING
+        return {f.name for f in fields(cls)} - _NOT_METHOD
 
     @classmethod
     def from_peft_fields(cls, saved: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +91,7 @@ class AdapterConfig:
         return {k: v for k, v in saved.items() if k in cls.peft_keys()}
 
 
-_TARGETING = {"target_modules", "exclude_modules", "modules_to_save"}
+_NOT_METHOD = {"target_modules", "exclude_modules", "modules_to_save", "fused"}  # targeting and run-time choices
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -113,6 +118,7 @@ class AdapterLayer(nn.Module):
         self.in_features, self.out_features = quant.base_shape(base_layer)
         self.merged = False
         self.enabled = True
+        self.fusion: kernels.Fusion | None = None  # set by wrap when the fused kernel can run this layer
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -126,6 +132,10 @@ class AdapterLayer(nn.Module):
     # --- implemented by each method ---
     def branch(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def low_rank_product(self) -> kernels.LowRankProduct | None:
+        """The update as s·(drop(x) Aᵀ)Bᵀ for the fused kernel; None: this layer (now) needs `branch`."""
+        return None
 
     def delta_weight(self) -> Tensor:
         """The update as a float32 (d_out, d_in) matrix."""
@@ -143,9 +153,13 @@ class AdapterLayer(nn.Module):
 
     # --- shared ---
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         if self.merged or not self.enabled:
-            return y
+            return self.base_layer(x, *args, **kwargs)
+        if self.fusion is not None and not args and not kwargs:
+            y = self.fusion(self, x)
+            if y is not None:
+                return y
+        y = self.base_layer(x, *args, **kwargs)
         return y + self.branch(x).to(y.dtype)
 
     @property
@@ -213,6 +227,9 @@ class LowRankLayer(AdapterLayer):
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def low_rank_product(self) -> kernels.LowRankProduct | None:
+        return kernels.LowRankProduct(self.lora_A, self.lora_B, self.scale, kernels.dropout_p(self.dropout))
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (d_out, d_in)

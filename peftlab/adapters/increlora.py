@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import kernels
 from .adalora import SVDLinear, add_penalty_gradient, orthogonality_penalty
 from .base import AdapterConfig, AdapterLayer, Controller, opt
 from .registry import register
@@ -48,6 +49,9 @@ class IncreLoRALinear(SVDLinear):
 
     def singular_values(self) -> Tensor:
         return self.lora_E * self.live[:, None]  # rows above the live ones are unused capacity
+
+    def low_rank_product(self) -> kernels.LowRankProduct | None:
+        return None if self.scoring and torch.is_grad_enabled() else super().low_rank_product()
 
     def branch(self, x: Tensor) -> Tensor:
         if not (self.scoring and torch.is_grad_enabled()):

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .. import quant
+from .. import kernels, quant
 from .base import AdapterConfig, AdapterLayer, Controller
 from .registry import Method, get_config, method_of
 
@@ -125,6 +125,9 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
         raise ValueError(f"modules_to_save names modules that do not exist: {missing}")
     config = _with_modules_to_save(config, tuple(saved))
     targets = find_targets(model, config, method.layer)
+    if not config.fused and method.layer.low_rank_product is AdapterLayer.low_rank_product:
+        raise ValueError(f"fused=False applies to the LoRA family; {method.name} always folds its update "
+                         "into the base product and has no separate eager path")
 
     model.requires_grad_(False)
     layers = {}
@@ -135,6 +138,8 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
     for layer in layers.values():
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
+    if config.fused:
+        kernels.attach(layers)
     # modules_to_save train a copy (as PEFT does): a head tied to the input embeddings stays
     # untouched, and unwrap() puts the original back
     originals = {name: modules[name] for name in saved}

@@ -1,0 +1,6 @@
+"""Fused adapter math: a torch autograd kernel for the LoRA family (CPU and GPU) and, on CUDA,
+Triton kernels for its dropout and low-rank products."""
+from .fusion import Fusion, LowRankProduct, attach, blocker, dropout_p
+from .lora import FusedLoRA, dropout_keep_mask
+
+__all__ = ["Fusion", "FusedLoRA", "LowRankProduct", "attach", "blocker", "dropout_keep_mask", "dropout_p"]
