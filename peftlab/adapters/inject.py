@@ -182,7 +182,10 @@ def remove_layers(model: nn.Module, names: list[str]) -> None:
     """Put the base modules of `names` back (e.g. layers a method assigned no rank)."""
     state = state_of(model)
     for name in names:
-        _set_module(model, name, state.layers.pop(name).base_layer)
+        layer = state.layers.pop(name)
+        if layer.fusion is not None:
+            layer.fusion.drop(layer)
+        _set_module(model, name, layer.base_layer)
 
 
 def merge(model: nn.Module) -> nn.Module:

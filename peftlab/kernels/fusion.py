@@ -84,6 +84,16 @@ class Fusion:
                 self.pending[member] = (x, out)
         return outputs[group.index(layer)]
 
+    def drop(self, layer: nn.Module) -> None:
+        """Forget a layer that leaves the model (EVA unwraps rank-0 layers); its group keeps the rest."""
+        group = tuple(m for m in self.groups.pop(layer, ()) if m is not layer)
+        self.pending.pop(layer, None)
+        for member in group:
+            self.groups[member] = group
+            if len(group) == 1:
+                del self.groups[member]
+        layer.fusion = None
+
     def _dissolve(self, layer: nn.Module) -> None:
         group = self.groups.get(layer, ())
         for member in group:
