@@ -68,10 +68,10 @@ class Fusion:
 
     def __call__(self, layer: nn.Module, x: Tensor) -> Tensor | None:
         """The layer's output through the fused kernel, or None when it must run eagerly."""
-        if torch.compiler.is_compiling():   # inductor fuses the plain ops itself; a custom Function would be opaque
-            return None
         if layer.low_rank_product() is None:
             return None
+        if torch.compiler.is_compiling():   # traced layer by layer: the pending outputs are eager-only state
+            return self._run_traced(layer, x)
         waiting = self.pending.pop(layer, None)
         if waiting is not None:
             if waiting[0] is x:
@@ -115,6 +115,19 @@ class Fusion:
         with torch.autocast(device, enabled=False):
             return FusedLoRA.apply(x.to(dtype), keep, keep_scale, adapters,
                                    tuple(prod.row_scale for prod in products), *factors)
+
+
+    def _run_traced(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """One layer as the opaque `peftlab::lora_linear` op (a 4-bit base: FusedLoRA, traced)."""
+        base, product = layer.base_layer, layer.low_rank_product()
+        if quant.is_4bit(base):
+            return self._run((layer,), x)[0]
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        p = product.dropout if layer.training else 0.0
+        with torch.autocast(device, enabled=False):
+            return torch.ops.peftlab.lora_linear(x.to(dtype), base.weight, base.bias, product.a, product.b,
+                                                 product.row_scale, product.scale, p, isinstance(base, Conv1D))[0]
 
 
 def shared_input_groups(layers: dict[str, nn.Module]) -> list[tuple[nn.Module, ...]]:

@@ -13,6 +13,8 @@ base is dequantized again in backward rather than kept (kernels-qlora spec §1.3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -38,15 +40,22 @@ def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> tupl
     64-bit draw gives four 16-bit uniforms, about 5x cheaper for the same distribution up to the
     rounding of p to 16 bits. Other devices draw floats, which their generators make cheap.
     """
+    levels = _levels(p)
     if device.type != "cpu":
-        keep = torch.rand(shape, device=device) >= p
-        return keep, 1.0 / (1.0 - p)
+        return torch.rand(shape, device=device) >= levels / 2 ** _DROPOUT_BITS, keep_scale_of(p)
     numel = shape.numel()
-    levels = round(p * 2 ** _DROPOUT_BITS)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # full 64-bit range
     uniform16 = words.view(torch.int16)[:numel].view(shape)                             # uniform on [-2¹⁵, 2¹⁵)
-    keep = uniform16 >= levels - 2 ** (_DROPOUT_BITS - 1)
-    return keep, 2 ** _DROPOUT_BITS / (2 ** _DROPOUT_BITS - levels)
+    return uniform16 >= levels - 2 ** (_DROPOUT_BITS - 1), keep_scale_of(p)
+
+
+def keep_scale_of(p: float) -> float:
+    """1/(1 - p) for p rounded to 16 bits, the p the masks are drawn with."""
+    return 2 ** _DROPOUT_BITS / (2 ** _DROPOUT_BITS - _levels(p))
+
+
+def _levels(p: float) -> int:
+    return round(p * 2 ** _DROPOUT_BITS)
 
 
 def base_matrix(base: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -56,6 +65,67 @@ def base_matrix(base: nn.Module, dtype: torch.dtype) -> Tensor:
         return quant.dequantize(base).to(dtype).t()
     weight = base.weight.to(dtype)
     return weight if isinstance(base, Conv1D) else weight.t()
+
+
+Matrix = Callable[[torch.dtype], Tensor]  # a base's M in a dtype, made when needed and dropped after use
+
+
+def lora_forward(x2: Tensor, keep: Tensor | None, keep_scale: float, matrices: list[Matrix],
+                 biases: list[Tensor | None], scales: list[float], factors: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """Outputs (T, d_out_j) of the adapters sharing x2 (T, d_in), and the stacked product u (T, Σr)."""
+    dtype = x2.dtype
+    h = x2 if keep is None else x2 * keep.to(dtype)                         # a float mask multiplies 2x faster
+    a_all = torch.cat(factors[0::2]) if len(factors) > 2 else factors[0]
+    u = h @ a_all.to(dtype).t()                                             # (T, Σr): one stacked product
+    outputs, start = [], 0
+    for matrix_of, bias, scale, a, b in zip(matrices, biases, scales, factors[0::2], factors[1::2]):
+        matrix = matrix_of(dtype)
+        y = x2 @ matrix if bias is None else torch.addmm(bias.to(dtype), x2, matrix)
+        del matrix
+        y.addmm_(u[:, start:start + a.shape[0]], b.to(dtype).t(), alpha=scale * keep_scale)  # in place, no add
+        outputs.append(y)
+        start += a.shape[0]
+    return outputs, u
+
+
+def lora_backward(grads: list[Tensor], x2: Tensor, keep: Tensor | None, keep_scale: float, u: Tensor,
+                  matrices: list[Matrix], scales: list[float], factors: list[Tensor],
+                  row_scales: list[Tensor | None], need_x: bool) -> tuple[Tensor | None, list[Tensor]]:
+    """∂L/∂x2 (None unless need_x) and ∂L/∂A_1, ∂L/∂B_1, ... from the output gradients (T, d_out_j)."""
+    dtype = grads[0].dtype
+    grad_x, grad_u, grad_u_params, grad_bs, start = None, [], [], [], 0
+    for g, matrix_of, scale, a, b, c in zip(grads, matrices, scales, factors[0::2], factors[1::2], row_scales):
+        s, r, b_c = scale * keep_scale, a.shape[0], b.to(dtype)
+        if need_x:
+            matrix = matrix_of(dtype)                                       # a 4-bit base is dequantized again
+            grad_x = g @ matrix.t() if grad_x is None else grad_x.addmm_(g, matrix.t())
+            del matrix
+        grad_b = (g.t() @ u[:, start:start + r]) * s                        # (d_out, r)
+        grad_u.append((g @ b_c) * s)                                        # (T, r)
+        if c is None:
+            grad_u_params.append(grad_u[-1])
+        else:  # ALLoRA: c scales the rows of ∂L/∂B and, through G diag(c) B, ∂L/∂A; ∂L/∂x never sees it
+            c = c.to(dtype)
+            grad_b *= c[:, None]
+            grad_u_params.append((g @ (b_c * c[:, None])) * s)
+        grad_bs.append(grad_b)
+        start += r
+    keep_f = None if keep is None else keep.to(dtype)
+    h = x2 if keep is None else x2 * keep_f
+    du = torch.cat(grad_u_params, 1) if len(grad_u_params) > 1 else grad_u_params[0]
+    grad_a_all = du.t() @ h                                                 # (Σr, d_in)
+    if need_x:
+        a_all = (torch.cat(factors[0::2]) if len(factors) > 2 else factors[0]).to(dtype)
+        du_x = torch.cat(grad_u, 1) if len(grad_u) > 1 else grad_u[0]
+        if keep is None:
+            grad_x.addmm_(du_x, a_all)
+        else:
+            grad_x.addcmul_(du_x @ a_all, keep_f)
+    out, start = [], 0
+    for a, b, grad_b in zip(factors[0::2], factors[1::2], grad_bs):
+        out += [grad_a_all[start:start + a.shape[0]].to(a.dtype), grad_b.to(b.dtype)]
+        start += a.shape[0]
+    return grad_x, out
 
 
 class FusedLoRA(torch.autograd.Function):
@@ -68,72 +138,77 @@ class FusedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor | None, keep_scale: float, adapters: tuple[Adapter, ...],
                 row_scales: tuple[Tensor | None, ...], *factors: Tensor) -> tuple[Tensor, ...]:
-        dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])                                     # (T, d_in)
-        h = x2 if keep is None else x2 * keep.view_as(x2)
-        a_all = torch.cat(factors[0::2]) if len(adapters) > 1 else factors[0]
-        u = h @ a_all.to(dtype).t()                                         # (T, Σr): one stacked product
-        outputs, start = [], 0
-        for adapter, a, b in zip(adapters, factors[0::2], factors[1::2]):
-            base = adapter.base
-            bias = None if base.bias is None else base.bias.to(dtype)
-            matrix = base_matrix(base, dtype)
-            y = x2 @ matrix if bias is None else torch.addmm(bias, x2, matrix)
-            del matrix
-            y.addmm_(u[:, start:start + a.shape[0]], b.to(dtype).t(), alpha=adapter.scale * keep_scale)
-            outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
-            start += a.shape[0]
-        ctx.adapters, ctx.keep_scale = adapters, keep_scale
-        ctx.save_for_backward(x, keep, u, *[c for c in row_scales if c is not None], *factors)
-        ctx.has_row_scale = tuple(c is not None for c in row_scales)
-        return tuple(outputs)
+        matrices = [partial(base_matrix, adapter.base) for adapter in adapters]
+        outputs, u = lora_forward(x2, None if keep is None else keep.view_as(x2), keep_scale, matrices,
+                                  [adapter.base.bias for adapter in adapters], [a.scale for a in adapters],
+                                  list(factors))
+        ctx.adapters, ctx.keep_scale, ctx.row_scales = adapters, keep_scale, row_scales
+        ctx.save_for_backward(x, keep, u, *factors)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
 
     @staticmethod
     def backward(ctx, *grad_outputs: Tensor):
-        x, keep, u, *rest = ctx.saved_tensors
-        n_scales = sum(ctx.has_row_scale)
-        scales, factors = iter(rest[:n_scales]), rest[n_scales:]
+        x, keep, u, *factors = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
-        dtype = grad_outputs[0].dtype
-        need_x = ctx.needs_input_grad[0]
-        grad_x = None
-        grad_u, grad_u_params, grad_factors, start = [], [], [], 0
-        for adapter, a, b, grad, scaled in zip(ctx.adapters, factors[0::2], factors[1::2], grad_outputs,
-                                               ctx.has_row_scale):
-            g = grad.reshape(-1, grad.shape[-1])                            # (T, d_out)
-            s = adapter.scale * ctx.keep_scale
-            r = a.shape[0]
-            u_j = u[:, start:start + r]
-            b_c = b.to(dtype)
-            if need_x:
-                matrix = base_matrix(adapter.base, dtype)                   # dequantized again, not kept
-                grad_x = g @ matrix.t() if grad_x is None else grad_x.addmm_(g, matrix.t())
-                del matrix
-            g_b = g @ b_c                                                   # (T, r)
-            grad_b = (g.t() @ u_j) * s                                      # (d_out, r)
-            grad_u_j = g_b * s
-            grad_u.append(grad_u_j)
-            if scaled:  # ALLoRA: c scales the rows of ∂L/∂B and, through G diag(c) B, ∂L/∂A
-                c = next(scales).to(dtype)
-                grad_b *= c[:, None]
-                grad_u_params.append((g @ (b_c * c[:, None])) * s)
-            else:
-                grad_u_params.append(grad_u_j)
-            grad_factors.append(grad_b)
-            start += r
-        h = x2 if keep is None else x2 * keep.view_as(x2)
-        du = torch.cat(grad_u_params, 1) if len(grad_u_params) > 1 else grad_u_params[0]
-        grad_a_all = du.t() @ h                                             # (Σr, d_in)
-        if need_x:
-            a_all = torch.cat(factors[0::2]).to(dtype) if len(factors) > 2 else factors[0].to(dtype)
-            du_x = torch.cat(grad_u, 1) if len(grad_u) > 1 else grad_u[0]
-            if keep is None:
-                grad_x.addmm_(du_x, a_all)
-            else:
-                grad_x += (du_x @ a_all) * keep.view_as(x2)
-            grad_x = grad_x.view_as(x)
-        grads, start = [], 0
-        for a, b, grad_b in zip(factors[0::2], factors[1::2], grad_factors):
-            grads += [grad_a_all[start:start + a.shape[0]].to(a.dtype), grad_b.to(b.dtype)]
-            start += a.shape[0]
-        return (grad_x, None, None, None, None, *grads)
+        grad_x, grads = lora_backward(
+            [g.reshape(-1, g.shape[-1]) for g in grad_outputs], x2, None if keep is None else keep.view_as(x2),
+            ctx.keep_scale, u, [partial(base_matrix, a.base) for a in ctx.adapters], [a.scale for a in ctx.adapters],
+            factors, list(ctx.row_scales), ctx.needs_input_grad[0])
+        return (None if grad_x is None else grad_x.view_as(x), None, None, None, None, *grads)
+
+
+# Under torch.compile a single layer runs as one opaque op, so inductor compiles the model around it
+# and the eager kernel above (its byte masks, in-place accumulation) is what runs inside.
+@torch.library.custom_op("peftlab::lora_linear", mutates_args=())
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, row_scale: Tensor | None,
+                scale: float, dropout: float, conv1d: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, keep-mask or an empty tensor, u) for one adapter on a Linear / Conv1D base; see FusedLoRA."""
+    x2 = x.reshape(-1, x.shape[-1])
+    keep, keep_scale = dropout_keep_mask(x2.shape, dropout, x.device) if dropout > 0 else (None, 1.0)
+    (y,), u = lora_forward(x2, keep, keep_scale, [_dense(weight, conv1d)], [bias], [scale], [a, b])
+    return y.view(*x.shape[:-1], y.shape[-1]), x.new_empty(0, dtype=torch.bool) if keep is None else keep, u
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, a, b, row_scale, scale, dropout, conv1d):
+    d_out = weight.shape[1] if conv1d else weight.shape[0]
+    tokens = x.numel() // x.shape[-1]
+    keep = x.new_empty((tokens, x.shape[-1]) if dropout > 0 else (0,), dtype=torch.bool)
+    return x.new_empty(*x.shape[:-1], d_out), keep, x.new_empty(tokens, a.shape[0])
+
+
+@torch.library.custom_op("peftlab::lora_linear_backward", mutates_args=())
+def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, keep: Tensor, u: Tensor, a: Tensor, b: Tensor,
+                         row_scale: Tensor | None, scale: float, dropout: float, conv1d: bool,
+                         need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    x2 = x.reshape(-1, x.shape[-1])
+    grad_x, (grad_a, grad_b) = lora_backward(
+        [grad.reshape(-1, grad.shape[-1])], x2, keep if dropout > 0 else None, keep_scale_of(dropout), u,
+        [_dense(weight, conv1d)], [scale], [a, b], [row_scale], need_x)
+    return (torch.zeros_like(x) if grad_x is None else grad_x.view_as(x)), grad_a, grad_b
+
+
+@lora_linear_backward.register_fake
+def _(grad, x, weight, keep, u, a, b, row_scale, scale, dropout, conv1d, need_x):
+    return torch.empty_like(x), torch.empty_like(a), torch.empty_like(b)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, a, b, row_scale, scale, dropout, conv1d = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2], a, b, row_scale)
+    ctx.scale, ctx.dropout, ctx.conv1d = scale, dropout, conv1d
+
+
+def _backward(ctx, grad, _keep_grad, _u_grad):
+    x, weight, keep, u, a, b, row_scale = ctx.saved_tensors
+    grad_x, grad_a, grad_b = torch.ops.peftlab.lora_linear_backward(
+        grad, x, weight, keep, u, a, b, row_scale, ctx.scale, ctx.dropout, ctx.conv1d, ctx.needs_input_grad[0])
+    return grad_x, None, None, grad_a, grad_b, None, None, None, None
+
+
+lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _dense(weight: Tensor, conv1d: bool) -> Matrix:
+    return lambda dtype: weight.to(dtype) if conv1d else weight.to(dtype).t()
