@@ -109,6 +109,7 @@ def test_score_formula_matches_the_analytic_gradient():
     x = torch.randn(5, 32)
     c = torch.randn(5, 32)
     (layer.branch(x) * c).sum().backward()
+    layer.update_score()
     delta = layer.delta_weight()
     grad = c.t() @ x                                # ∂⟨x ΔWᵀ, C⟩/∂ΔW
     expected = (delta * grad).abs().sum() / math.sqrt(delta.numel())

@@ -49,8 +49,8 @@ def wrapped(method: str, build=tiny_llama, **overrides) -> nn.Module:
     model = peftlab.wrap(build(), method, **{**CASES[method].config, **overrides})
     randomize_adapters(model)
     for layer in model.peftlab.layers.values():
-        if hasattr(layer, "scoring"):
-            layer.scoring = False  # IncreLoRA's growth phase needs its eager dense-ΔW score
+        if hasattr(layer, "set_scoring"):
+            layer.set_scoring(False)  # IncreLoRA's growth phase needs its eager dense-ΔW score
     return model
 
 
@@ -238,3 +238,21 @@ def test_fused_is_not_written_to_the_adapter_config(tmp_path):
 
     peftlab.save_adapter(peftlab.wrap(tiny_llama(), "lora", fused=False), tmp_path)
     assert "fused" not in json.loads((tmp_path / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_no_graph_breaks_from_our_layers(method):
+    """torch.compile sees one graph for every method's layers in training mode (IncreLoRA scoring too)."""
+    torch._dynamo.reset()
+    model = peftlab.wrap(tiny_llama(), method, **{**CASES[method].config, "target_modules": "all-linear"}).train()
+    x = tokens()
+    peftlab.controller(model).prepare(model, [{"input_ids": x, "labels": x}])
+    explanation = torch._dynamo.explain(model)(x, labels=x)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+
+
+def test_compiled_op_equals_the_eager_kernel():
+    """The opaque op torch.compile runs gives the eager kernel's outputs and gradients."""
+    fused, eager = fused_and_eager(wrapped("allora", tiny_gpt2))  # Conv1D base and ALLoRA's row scale
+    compiled = torch.compile(fused, backend="aot_eager")
+    assert_same_training_step(compiled, eager, tokens())

@@ -40,7 +40,7 @@ class IncreLoRALinear(SVDLinear):
         self.active.zero_()[:ranknum] = True
         self.register_buffer("reserve", torch.zeros_like(self.active), persistent=False)
         self.reserve[ranknum:ranknum + reserves] = True
-        self.scoring = False
+        self.delta_probe: Tensor | None = None  # while growing: a zero added to ΔW, its .grad is ∂L/∂ΔW
         self.score = torch.zeros((), device=self.active.device)
 
     @property
@@ -50,19 +50,33 @@ class IncreLoRALinear(SVDLinear):
     def singular_values(self) -> Tensor:
         return self.lora_E * self.live[:, None]  # rows above the live ones are unused capacity
 
+    @property
+    def scoring(self) -> bool:
+        return self.delta_probe is not None
+
+    def set_scoring(self, on: bool) -> None:
+        device = self.lora_A.device
+        self.delta_probe = torch.zeros(self.out_features, self.in_features, device=device, requires_grad=True) if on else None
+
     def low_rank_product(self) -> kernels.LowRankProduct | None:
         return None if self.scoring and torch.is_grad_enabled() else super().low_rank_product()
 
     def branch(self, x: Tensor) -> Tensor:
         if not (self.scoring and torch.is_grad_enabled()):
             return super().branch(x)
-        # the module score needs ∂L/∂ΔW, so while growing ΔW is formed explicitly (spec §3.3)
-        delta = self.delta_weight().to(self.lora_A.dtype)                  # (d_out, d_in)
-        delta.register_hook(lambda grad: self._record_score(delta.detach(), grad))
+        # the module score needs ∂L/∂ΔW, so while growing ΔW is formed explicitly (spec §3.3); the
+        # gradient lands on a zero probe rather than in a hook, which keeps the layer compilable
+        delta = self.delta_weight().to(self.lora_A.dtype) + self.delta_probe   # (d_out, d_in)
         return self.dropout(x.to(delta.dtype)) @ delta.t()
 
-    def _record_score(self, delta: Tensor, grad: Tensor) -> None:
-        self.score = (delta * grad).abs().sum().float() / math.sqrt(delta.numel())
+    @torch.no_grad()
+    def update_score(self) -> None:
+        """score = Σ|ΔW ⊙ ∂L/∂ΔW| / √(d_out·d_in) from the step's (accumulated) gradient."""
+        grad = None if self.delta_probe is None else self.delta_probe.grad
+        if grad is not None:
+            delta = self.delta_weight()
+            self.score = (delta * grad).abs().sum().float() / math.sqrt(delta.numel())
+            self.delta_probe.grad = None
 
     def peft_state(self) -> dict[str, Tensor]:
         rows = self.live  # a prefix: active components first, then reserves
@@ -98,7 +112,7 @@ class IncreLoRAController(Controller):
 
     def _set_scoring(self, on: bool) -> None:
         for layer in self.layers.values():
-            layer.scoring = on
+            layer.set_scoring(on)
 
     @property
     def total_rank(self) -> int:
@@ -169,6 +183,8 @@ class IncreLoRAController(Controller):
                     [(l.lora_A[l.live], l.lora_B[:, l.live]) for l in layers])
             add_penalty_gradient(penalty, [p for l in layers for p in (l.lora_A, l.lora_B)])
         if not self.completed:
+            for layer in self.layers.values():
+                layer.update_score()
             scores = torch.stack([layer.score for layer in self.layers.values()])
             if dist.is_available() and dist.is_initialized():  # ΔW is no parameter: its gradient is local
                 dist.all_reduce(scores)

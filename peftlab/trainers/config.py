@@ -39,6 +39,8 @@ class TrainConfig:
     bf16: bool = opt(False, "bfloat16 autocast (needs hardware support)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (non-reentrant)")
     load_in_4bit: bool = opt(False, "load the base model in bitsandbytes NF4 (QLoRA)")
+    torch_compile: bool = opt(False, "train through torch.compile (inductor; on CPU it needs a C++ compiler); "
+                                     "fused adapter layers stay one opaque op inside the compiled graph")
     max_nonfinite_steps: int = opt(5, "stop after this many optimizer steps in a row with a NaN/inf loss or gradient")
     prepare_batches: int = opt(16, "training batches handed to the adapter's prepare() (EVA)")
     group_by_length: bool = opt(False, "batch examples of similar length together (less padding)")

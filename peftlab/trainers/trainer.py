@@ -129,6 +129,8 @@ class Trainer:
         if checkpoint is not None:
             step, micro = self._load_checkpoint(checkpoint, optimizer, scheduler)
         ddp_model = acc.prepare(model)
+        if cfg.torch_compile:  # fallback_random: dropout draws as in eager mode, so seeds mean the same
+            ddp_model = torch.compile(ddp_model, options={"fallback_random": True})
         metrics: dict[str, Any] = {}
 
         bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
