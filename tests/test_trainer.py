@@ -248,16 +248,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 
 def test_torch_compile_trains_like_eager_with_the_lifecycle_intact(tmp_path):
     """AdaLoRA under torch.compile (inductor, CPU): same weights and the same pruned ranks as eager."""
+    from torch._dynamo.utils import counters
+
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
+        counters.clear()
         model = peftlab.wrap(tiny_llama(), "adalora", total_step=8, init_r=4, target_r=2, tinit=1, tfinal=2,
                              deltaT=1, lora_dropout=0.0)
         trainer = peftlab.Trainer(model, config(tmp_path / str(compiled), max_steps=8, torch_compile=compiled),
                                   lm_dataset(num_starts=4))
         trainer.train()
         if compiled:  # it really compiled, in one graph: no breaks from our layers
-            from torch._dynamo.utils import counters
             assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
         results.append(({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
                         peftlab.controller(model).report()))

@@ -9,6 +9,7 @@ torch.compile tracing and a layer that needs its eager branch just now run eager
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import NamedTuple
 
@@ -109,6 +110,12 @@ class Fusion:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         p = products[0].dropout if group[0].training else 0.0
+        if len(group) == 1 and products[0].row_scale is None and use_triton(x):
+            from .triton_lora import TritonLoRA
+
+            with torch.autocast(device, enabled=False):
+                return (TritonLoRA.apply(x.to(dtype), group[0].base_layer, products[0].a, products[0].b,
+                                         products[0].scale, p),)
         keep, keep_scale = dropout_keep_mask(x.shape, p, x.device) if p > 0 else (None, 1.0)
         adapters = tuple(Adapter(m.base_layer, prod.scale) for m, prod in zip(group, products))
         factors = [t for prod in products for t in (prod.a, prod.b)]
@@ -128,6 +135,11 @@ class Fusion:
         with torch.autocast(device, enabled=False):
             return torch.ops.peftlab.lora_linear(x.to(dtype), base.weight, base.bias, product.a, product.b,
                                                  product.row_scale, product.scale, p, isinstance(base, Conv1D))[0]
+
+
+def use_triton(x: Tensor) -> bool:
+    """The Triton kernels run on CUDA tensors when triton is installed (peftlab[kernels])."""
+    return x.is_cuda and importlib.util.find_spec("triton") is not None
 
 
 def shared_input_groups(layers: dict[str, nn.Module]) -> list[tuple[nn.Module, ...]]:
