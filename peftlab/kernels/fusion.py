@@ -69,8 +69,6 @@ class Fusion:
 
     def __call__(self, layer: nn.Module, x: Tensor) -> Tensor | None:
         """The layer's output through the fused kernel, or None when it must run eagerly."""
-        if layer.low_rank_product() is None:
-            return None
         if torch.compiler.is_compiling():   # traced layer by layer: the pending outputs are eager-only state
             return self._run_traced(layer, x)
         waiting = self.pending.pop(layer, None)
@@ -80,6 +78,8 @@ class Fusion:
             self._dissolve(layer)   # this member was called with another tensor: not a shared input here
         group = self.groups.get(layer, (layer,))
         outputs = self._run(group, x)
+        if outputs[group.index(layer)] is None:
+            return None
         for member, out in zip(group, outputs):
             if member is not layer:
                 self.pending[member] = (x, out)
@@ -103,10 +103,14 @@ class Fusion:
         log.info("peftlab: %d projections named like a shared-input group read different inputs; "
                  "they run one by one", len(group))
 
-    def _run(self, group: tuple[nn.Module, ...], x: Tensor) -> tuple[Tensor, ...]:
+    def _run(self, group: tuple[nn.Module, ...], x: Tensor) -> tuple[Tensor | None, ...]:
+        """Every member's output; None for a member that needs its eager branch now (the others then
+        run one by one)."""
         products = [m.low_rank_product() for m in group]
-        if any(p is None for p in products):   # a member needs its eager branch now: run them one by one
-            return tuple(self._run((m,), x)[0] if p is not None else m(x) for m, p in zip(group, products))
+        if len(group) > 1 and any(p is None for p in products):
+            return tuple(p and self._run((m,), x)[0] for m, p in zip(group, products))
+        if products[0] is None:
+            return (None,)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         p = products[0].dropout if group[0].training else 0.0
@@ -124,9 +128,11 @@ class Fusion:
                                    tuple(prod.row_scale for prod in products), *factors)
 
 
-    def _run_traced(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def _run_traced(self, layer: nn.Module, x: Tensor) -> Tensor | None:
         """One layer as the opaque `peftlab::lora_linear` op (a 4-bit base: FusedLoRA, traced)."""
         base, product = layer.base_layer, layer.low_rank_product()
+        if product is None:
+            return None
         if quant.is_4bit(base):
             return self._run((layer,), x)[0]
         device = x.device.type

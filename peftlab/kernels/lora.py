@@ -71,12 +71,14 @@ Matrix = Callable[[torch.dtype], Tensor]  # a base's M in a dtype, made when nee
 
 
 def lora_forward(x2: Tensor, keep: Tensor | None, keep_scale: float, matrices: list[Matrix],
-                 biases: list[Tensor | None], scales: list[float], factors: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-    """Outputs (T, d_out_j) of the adapters sharing x2 (T, d_in), and the stacked product u (T, Σr)."""
+                 biases: list[Tensor | None], scales: list[float],
+                 factors: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Outputs (T, d_out_j) of the adapters sharing x2 (T, d_in), the stacked product u (T, Σr) and
+    the stacked [A_1; A_2; ...] (Σr, d_in) in x2's dtype, which backward reuses."""
     dtype = x2.dtype
     h = x2 if keep is None else x2 * keep.to(dtype)                         # a float mask multiplies 2x faster
-    a_all = torch.cat(factors[0::2]) if len(factors) > 2 else factors[0]
-    u = h @ a_all.to(dtype).t()                                             # (T, Σr): one stacked product
+    a_all = (torch.cat(factors[0::2]) if len(factors) > 2 else factors[0]).to(dtype)
+    u = h @ a_all.t()                                                       # (T, Σr): one stacked product
     outputs, start = [], 0
     for matrix_of, bias, scale, a, b in zip(matrices, biases, scales, factors[0::2], factors[1::2]):
         matrix = matrix_of(dtype)
@@ -85,11 +87,11 @@ def lora_forward(x2: Tensor, keep: Tensor | None, keep_scale: float, matrices: l
         y.addmm_(u[:, start:start + a.shape[0]], b.to(dtype).t(), alpha=scale * keep_scale)  # in place, no add
         outputs.append(y)
         start += a.shape[0]
-    return outputs, u
+    return outputs, u, a_all
 
 
 def lora_backward(grads: list[Tensor], x2: Tensor, keep: Tensor | None, keep_scale: float, u: Tensor,
-                  matrices: list[Matrix], scales: list[float], factors: list[Tensor],
+                  a_all: Tensor, matrices: list[Matrix], scales: list[float], factors: list[Tensor],
                   row_scales: list[Tensor | None], need_x: bool) -> tuple[Tensor | None, list[Tensor]]:
     """∂L/∂x2 (None unless need_x) and ∂L/∂A_1, ∂L/∂B_1, ... from the output gradients (T, d_out_j)."""
     dtype = grads[0].dtype
@@ -100,27 +102,23 @@ def lora_backward(grads: list[Tensor], x2: Tensor, keep: Tensor | None, keep_sca
             matrix = matrix_of(dtype)                                       # a 4-bit base is dequantized again
             grad_x = g @ matrix.t() if grad_x is None else grad_x.addmm_(g, matrix.t())
             del matrix
-        grad_b = (g.t() @ u[:, start:start + r]) * s                        # (d_out, r)
-        grad_u.append((g @ b_c) * s)                                        # (T, r)
-        if c is None:
-            grad_u_params.append(grad_u[-1])
-        else:  # ALLoRA: c scales the rows of ∂L/∂B and, through G diag(c) B, ∂L/∂A; ∂L/∂x never sees it
+        grad_b = torch.mm(u[:, start:start + r].t(), g).t().mul_(s)        # (d_out, r); (uᵀG)ᵀ: 2x faster than Gᵀu
+        grad_u.append(torch.mm(g, b_c).mul_(s))                             # (T, r): ∂L/∂u
+        if c is not None:  # ALLoRA: c scales the rows of ∂L/∂B and, through G diag(c) B, ∂L/∂A; ∂L/∂x never sees it
             c = c.to(dtype)
             grad_b *= c[:, None]
-            grad_u_params.append((g @ (b_c * c[:, None])) * s)
+            grad_u_params.append(torch.mm(g, b_c * c[:, None]).mul_(s))
         grad_bs.append(grad_b)
         start += r
-    keep_f = None if keep is None else keep.to(dtype)
-    h = x2 if keep is None else x2 * keep_f
-    du = torch.cat(grad_u_params, 1) if len(grad_u_params) > 1 else grad_u_params[0]
-    grad_a_all = du.t() @ h                                                 # (Σr, d_in)
+    stack = (lambda ts: torch.cat(ts, 1)) if len(grad_u) > 1 else (lambda ts: ts[0])
+    du = stack(grad_u)
+    h = x2 if keep is None else x2 * keep.to(dtype)
+    grad_a_all = (stack(grad_u_params) if grad_u_params else du).t() @ h    # (Σr, d_in)
     if need_x:
-        a_all = (torch.cat(factors[0::2]) if len(factors) > 2 else factors[0]).to(dtype)
-        du_x = torch.cat(grad_u, 1) if len(grad_u) > 1 else grad_u[0]
         if keep is None:
-            grad_x.addmm_(du_x, a_all)
+            grad_x.addmm_(du, a_all.to(dtype))
         else:
-            grad_x.addcmul_(du_x @ a_all, keep_f)
+            grad_x.addcmul_(du @ a_all.to(dtype), keep.to(dtype))
     out, start = [], 0
     for a, b, grad_b in zip(factors[0::2], factors[1::2], grad_bs):
         out += [grad_a_all[start:start + a.shape[0]].to(a.dtype), grad_b.to(b.dtype)]
@@ -140,20 +138,20 @@ class FusedLoRA(torch.autograd.Function):
                 row_scales: tuple[Tensor | None, ...], *factors: Tensor) -> tuple[Tensor, ...]:
         x2 = x.reshape(-1, x.shape[-1])                                     # (T, d_in)
         matrices = [partial(base_matrix, adapter.base) for adapter in adapters]
-        outputs, u = lora_forward(x2, None if keep is None else keep.view_as(x2), keep_scale, matrices,
-                                  [adapter.base.bias for adapter in adapters], [a.scale for a in adapters],
-                                  list(factors))
+        outputs, u, a_all = lora_forward(x2, None if keep is None else keep.view_as(x2), keep_scale, matrices,
+                                         [adapter.base.bias for adapter in adapters], [a.scale for a in adapters],
+                                         list(factors))
         ctx.adapters, ctx.keep_scale, ctx.row_scales = adapters, keep_scale, row_scales
-        ctx.save_for_backward(x, keep, u, *factors)
+        ctx.save_for_backward(x, keep, u, a_all, *factors)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
 
     @staticmethod
     def backward(ctx, *grad_outputs: Tensor):
-        x, keep, u, *factors = ctx.saved_tensors
+        x, keep, u, a_all, *factors = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
         grad_x, grads = lora_backward(
             [g.reshape(-1, g.shape[-1]) for g in grad_outputs], x2, None if keep is None else keep.view_as(x2),
-            ctx.keep_scale, u, [partial(base_matrix, a.base) for a in ctx.adapters], [a.scale for a in ctx.adapters],
+            ctx.keep_scale, u, a_all, [partial(base_matrix, a.base) for a in ctx.adapters], [a.scale for a in ctx.adapters],
             factors, list(ctx.row_scales), ctx.needs_input_grad[0])
         return (None if grad_x is None else grad_x.view_as(x), None, None, None, None, *grads)
 
@@ -166,7 +164,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Te
     """(y, keep-mask or an empty tensor, u) for one adapter on a Linear / Conv1D base; see FusedLoRA."""
     x2 = x.reshape(-1, x.shape[-1])
     keep, keep_scale = dropout_keep_mask(x2.shape, dropout, x.device) if dropout > 0 else (None, 1.0)
-    (y,), u = lora_forward(x2, keep, keep_scale, [_dense(weight, conv1d)], [bias], [scale], [a, b])
+    (y,), u, _ = lora_forward(x2, keep, keep_scale, [_dense(weight, conv1d)], [bias], [scale], [a, b])
     return y.view(*x.shape[:-1], y.shape[-1]), x.new_empty(0, dtype=torch.bool) if keep is None else keep, u
 
 
@@ -184,7 +182,7 @@ def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, keep: Tensor, 
                          need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
     x2 = x.reshape(-1, x.shape[-1])
     grad_x, (grad_a, grad_b) = lora_backward(
-        [grad.reshape(-1, grad.shape[-1])], x2, keep if dropout > 0 else None, keep_scale_of(dropout), u,
+        [grad.reshape(-1, grad.shape[-1])], x2, keep if dropout > 0 else None, keep_scale_of(dropout), u, a,
         [_dense(weight, conv1d)], [scale], [a, b], [row_scale], need_x)
     return (torch.zeros_like(x) if grad_x is None else grad_x.view_as(x)), grad_a, grad_b
 
