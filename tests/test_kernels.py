@@ -256,3 +256,23 @@ def test_compiled_op_equals_the_eager_kernel():
     fused, eager = fused_and_eager(wrapped("allora", tiny_gpt2))  # Conv1D base and ALLoRA's row scale
     compiled = torch.compile(fused, backend="aot_eager")
     assert_same_training_step(compiled, eager, tokens())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_compiled_op_passes_opcheck(dropout, conv1d):
+    """The custom op torch.compile sees: fake shapes/strides, schema and autograd registration agree."""
+    torch.manual_seed(0)
+    weight = torch.randn(12, 10) if conv1d else torch.randn(10, 12)    # Conv1D stores (d_in, d_out)
+    x = torch.randn(3, 4, 12, requires_grad=True)
+    a, b = torch.randn(4, 12, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    args = (x, weight, torch.randn(10), a, b, None, 2.0, dropout, conv1d)
+    # the op draws its dropout mask, so opcheck's repeated calls cannot compare outputs when dropout > 0
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static") + (("test_autograd_registration",)
+                                                                                if dropout == 0 else ())
+    torch.library.opcheck(torch.ops.peftlab.lora_linear.default, args, test_utils=tests)
+    y, keep, u = torch.ops.peftlab.lora_linear(*args)
+    backward_args = (torch.randn_like(y), x.detach(), weight, keep, u.detach(), a.detach(), b.detach(), None, 2.0,
+                     dropout, conv1d, True)
+    torch.library.opcheck(torch.ops.peftlab.lora_linear_backward.default, backward_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

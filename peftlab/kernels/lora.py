@@ -184,7 +184,7 @@ def lora_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, keep: Tensor, 
     grad_x, (grad_a, grad_b) = lora_backward(
         [grad.reshape(-1, grad.shape[-1])], x2, keep if dropout > 0 else None, keep_scale_of(dropout), u, a,
         [_dense(weight, conv1d)], [scale], [a, b], [row_scale], need_x)
-    return (torch.zeros_like(x) if grad_x is None else grad_x.view_as(x)), grad_a, grad_b
+    return (torch.zeros_like(x) if grad_x is None else grad_x.view_as(x)), grad_a.contiguous(), grad_b.contiguous()
 
 
 @lora_linear_backward.register_fake
