@@ -59,10 +59,15 @@ def batches(name: str, count: int = 4) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+# PEFT's EVA cannot initialize MiniLM's pooler (its incremental PCA expects token inputs), so both
+# libraries leave it out for EVA
+EVA_EXCLUDE = ["pooler.dense"]
+
+
 def peftlab_config(method: str, rank: int, dropout: float, total_steps: int) -> dict:
     return {
         "lora": dict(r=rank, lora_alpha=2 * rank, lora_dropout=dropout),
-        "evalora": dict(r=rank, lora_alpha=2 * rank, lora_dropout=dropout),
+        "evalora": dict(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, exclude_modules=EVA_EXCLUDE),
         "adalora": dict(init_r=rank, target_r=rank // 2, total_step=total_steps, lora_dropout=dropout),
         "randlora": dict(r=rank, randlora_alpha=2 * rank, randlora_dropout=dropout),
     }[method]
@@ -77,7 +82,7 @@ def peft_config(method: str, model_name: str, rank: int, dropout: float, total_s
         return peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, **common)
     if method == "evalora":
         return peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, init_lora_weights="eva",
-                               eva_config=peft.EvaConfig(rho=2.0), **common)
+                               eva_config=peft.EvaConfig(rho=2.0), exclude_modules=EVA_EXCLUDE, **common)
     if method == "adalora":
         return peft.AdaLoraConfig(init_r=rank, target_r=rank // 2, total_step=total_steps, lora_dropout=dropout,
                                   **common)

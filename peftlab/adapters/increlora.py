@@ -55,8 +55,8 @@ class IncreLoRALinear(SVDLinear):
         return self.delta_probe is not None
 
     def set_scoring(self, on: bool) -> None:
-        device = self.lora_A.device
-        self.delta_probe = torch.zeros(self.out_features, self.in_features, device=device, requires_grad=True) if on else None
+        shape, device = (self.out_features, self.in_features), self.lora_A.device
+        self.delta_probe = torch.zeros(shape, device=device, requires_grad=True) if on else None
 
     def low_rank_product(self) -> kernels.LowRankProduct | None:
         return None if self.scoring and torch.is_grad_enabled() else super().low_rank_product()

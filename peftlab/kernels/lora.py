@@ -122,9 +122,9 @@ def lora_backward(grads: list[Tensor], x2: Tensor, keep: Tensor | None, keep_sca
             matrix = matrix_of(dtype)                                       # a 4-bit base is dequantized again
             grad_x = g @ matrix.t() if grad_x is None else grad_x.addmm_(g, matrix.t())
             del matrix
-        grad_b = torch.mm(u[:, start:start + r].t(), g).t().mul_(s)        # (d_out, r); (uᵀG)ᵀ: 2x faster than Gᵀu
+        grad_b = torch.mm(u[:, start:start + r].t(), g).t().mul_(s)        # (d_out, r); (uᵀG)ᵀ is 2x faster
         grad_u.append(torch.mm(g, b_c).mul_(s))                             # (T, r): ∂L/∂u
-        if c is not None:  # ALLoRA: c scales the rows of ∂L/∂B and, through G diag(c) B, ∂L/∂A; ∂L/∂x never sees it
+        if c is not None:  # ALLoRA: c scales the rows of ∂L/∂B and, via G diag(c) B, ∂L/∂A; never ∂L/∂x
             c = c.to(dtype)
             grad_b *= c[:, None]
             grad_u_params.append(torch.mm(g, b_c * c[:, None]).mul_(s))
@@ -172,8 +172,8 @@ class FusedLoRA(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         grad_x, grads = lora_backward(
             [g.reshape(-1, g.shape[-1]) for g in grad_outputs], x2, None if keep is None else keep.view_as(x2),
-            ctx.keep_scale, u, a_all, [partial(base_matrix, a.base) for a in ctx.adapters], [a.scale for a in ctx.adapters],
-            factors, list(ctx.row_scales), ctx.needs_input_grad[0])
+            ctx.keep_scale, u, a_all, [partial(base_matrix, a.base) for a in ctx.adapters],
+            [a.scale for a in ctx.adapters], factors, list(ctx.row_scales), ctx.needs_input_grad[0])
         return (None if grad_x is None else grad_x.view_as(x), None, None, None, None, *grads)
 
 
