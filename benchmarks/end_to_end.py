@@ -8,6 +8,7 @@ inside) and the accuracy on the held-out split, measured by one shared evaluatio
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -58,10 +59,11 @@ def run_hf(run: dict) -> tuple[float, float]:
         r=adapter["r"], lora_alpha=adapter["lora_alpha"], lora_dropout=adapter["lora_dropout"],
         target_modules="all-linear", task_type="SEQ_CLS"))
     t = train_config
+    steps = t.total_steps(math.ceil(len(train_set) / t.per_device_train_batch_size))
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="hf-e2e-"), learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs, per_device_train_batch_size=t.per_device_train_batch_size,
-        warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay,
+        warmup_steps=t.warmup(steps), lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, seed=t.seed, eval_strategy="no",
         save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator)

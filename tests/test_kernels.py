@@ -276,3 +276,31 @@ def test_compiled_op_passes_opcheck(dropout, conv1d):
                      dropout, conv1d, True)
     torch.library.opcheck(torch.ops.peftlab.lora_linear_backward.default, backward_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_fast_dropout_replaces_the_models_dropout_while_wrapped():
+    from peftlab.kernels import FastDropout
+
+    model = peftlab.wrap(tiny_gpt2(), "lora", r=2)
+    kinds = {type(m) for m in model.modules() if isinstance(m, nn.Dropout)}
+    assert kinds == {FastDropout}
+    peftlab.unwrap(model)
+    assert {type(m) for m in model.modules() if isinstance(m, nn.Dropout)} == {nn.Dropout}
+    merged = peftlab.merge(peftlab.wrap(tiny_gpt2(), "lora", r=2))
+    assert {type(m) for m in merged.modules() if isinstance(m, nn.Dropout)} == {nn.Dropout}
+    unfused = peftlab.wrap(tiny_gpt2(), "lora", r=2, fused=False)
+    assert {type(m) for m in unfused.modules() if isinstance(m, nn.Dropout)} == {nn.Dropout}
+
+
+def test_fast_dropout_masks_forward_and_backward_alike():
+    from peftlab.kernels import FastDropout
+
+    layer = FastDropout(0.25).train()
+    x = torch.randn(64, 300, requires_grad=True)
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)                  # scaled by 1/(1 - p)
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)               # the same mask in backward
+    assert torch.equal(layer.eval()(x), x)

@@ -140,6 +140,7 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
             p.requires_grad_(True)
     if config.fused:
         kernels.attach(layers)
+        kernels.swap_dropout(model, fast=True)
     # modules_to_save train a copy (as PEFT does): a head tied to the input embeddings stays
     # untouched, and unwrap() puts the original back
     originals = {name: modules[name] for name in saved}
@@ -174,6 +175,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         _set_module(model, name, layer.base_layer)
     for name, original in state.originals.items():
         _set_module(model, name, original)
+    kernels.swap_dropout(model, fast=False)
     del model.peftlab
     return model
 
@@ -205,6 +207,7 @@ def merge(model: nn.Module) -> nn.Module:
             f"merged {len(dequantized)} 4-bit layers onto their dequantized float32 weights "
             "(not re-quantized, so the update is kept exactly)", stacklevel=2,
         )
+    kernels.swap_dropout(model, fast=False)
     del model.peftlab
     return model
 

@@ -231,3 +231,46 @@ lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 def _dense(weight: Tensor, conv1d: bool) -> Matrix:
     return lambda dtype: weight.to(dtype) if conv1d else weight.to(dtype).t()
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout drawing its CPU mask as the fused kernel does (4x cheaper; p rounded to 16 bits).
+
+    On a 2-core CPU the base model's own dropout was 19% of a MiniLM training step; wrapping with
+    `fused` swaps every plain nn.Dropout of the model for this class, and unwrap/merge swap back.
+    Other devices keep torch's own (already fused) dropout.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        return _MaskedScale.apply(x, self.p)
+
+
+class _MaskedScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        keep, keep_scale = dropout_keep_mask(x.shape, p, x.device)
+        ctx.keep_scale = keep_scale
+        ctx.save_for_backward(keep)
+        return x * _scaled_mask(keep, keep_scale, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * _scaled_mask(keep, ctx.keep_scale, grad.dtype), None
+
+
+def _scaled_mask(keep: Tensor, keep_scale: float, dtype: torch.dtype) -> Tensor:
+    """keep · 1/(1-p) as floats, in a scratch buffer (one pass over the byte mask)."""
+    out = scratch("dropout.mask", keep.numel(), dtype, keep.device).view(keep.shape)
+    return torch.mul(keep, keep_scale, out=out)
+
+
+def swap_dropout(model: nn.Module, fast: bool) -> None:
+    """Turn the model's plain nn.Dropout modules into FastDropout (fast=True), or back."""
+    for module in model.modules():
+        if fast and type(module) is nn.Dropout:
+            module.__class__ = FastDropout
+        elif not fast and type(module) is FastDropout:
+            module.__class__ = nn.Dropout
