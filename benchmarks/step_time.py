@@ -45,12 +45,19 @@ def variants(args) -> list[Variant]:
 
     out = [Variant("floor (frozen base)", base_model(args.model, args.load_in_4bit).requires_grad_(False),
                    floor=True)]
+    def ours(method: str, fast_dropout: bool = False) -> torch.nn.Module:
+        model = peftlab.wrap(base_model(args.model, args.load_in_4bit), method,
+                             **peftlab_config(method, args.rank, args.dropout, 10_000))
+        # the base model's own dropout stays torch's unless asked, so the floor is the same for everyone
+        peftlab.kernels.swap_dropout(model, fast=fast_dropout)
+        return model
+
     for method in args.methods.split(","):
-        ours = peftlab_config(method, args.rank, args.dropout, 10_000)
-        out.append(Variant(f"peftlab {method}", peftlab.wrap(base_model(args.model, args.load_in_4bit), method, **ours)))
+        out.append(Variant(f"peftlab {method}", ours(method)))
         if args.compile:
-            out.append(Variant(f"peftlab {method} compiled",
-                               peftlab.wrap(base_model(args.model, args.load_in_4bit), method, **ours), compiled=True))
+            out.append(Variant(f"peftlab {method} compiled", ours(method), compiled=True))
+        if args.fast_dropout:
+            out.append(Variant(f"peftlab {method} + fast base dropout", ours(method, fast_dropout=True)))
         theirs = peft_config(method, args.model, args.rank, args.dropout, 10_000)
         out.append(Variant(f"peft {method}", peft.get_peft_model(base_model(args.model, args.load_in_4bit), theirs)))
     return out
@@ -65,6 +72,8 @@ def main() -> None:
     parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base through bitsandbytes (QLoRA)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time peftlab under torch.compile (inductor)")
+    parser.add_argument("--fast-dropout", action="store_true",
+                        help="also time peftlab with the base model's dropout drawn by peftlab's FastDropout")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compiles)")
