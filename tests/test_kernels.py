@@ -97,11 +97,15 @@ def test_fused_equals_eager_on_gpt2_conv1d():
     assert_same_training_step(fused, eager, tokens())
 
 
-def test_fused_equals_eager_on_4bit_base():
+@pytest.mark.parametrize("method", LORA_FAMILY)
+def test_fused_equals_eager_on_4bit_base(method):
     torch.manual_seed(0)
     model = nn.Sequential(linear4bit(64, 32), nn.GELU(), linear4bit(32, 16, seed=1))
-    model = peftlab.wrap(model, "lora", r=4, target_modules=["0", "2"], lora_dropout=0.0)
+    model = peftlab.wrap(model, method, **CASES[method].config, target_modules=["0", "2"])
     randomize_adapters(model)
+    for layer in model.peftlab.layers.values():
+        if hasattr(layer, "set_scoring"):
+            layer.set_scoring(False)
     fused, eager = fused_and_eager(model)
     x = torch.randn(3, 5, 64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
