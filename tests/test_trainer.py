@@ -107,7 +107,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(method, tmp_
     assert one.keys() == two.keys()
     if method != "increlora":  # its module score Σ|ΔW ⊙ G| is not linear in each process's G (README)
         assert (tmp_path / "one" / "report_0.json").read_text() == reports[0]
-        assert all(torch.allclose(one[k].float(), two[k].float(), atol=1e-5, rtol=0) for k in one)
+        # EVA's PCA directions turn the ~1e-7 differences of batch-2 vs batch-4 matrix products into
+        # ~2e-5 (divided by the eigengap; CPU-dependent), so its init is compared at 1e-4
+        atol = 1e-4 if method == "evalora" else 1e-5
+        assert all(torch.allclose(one[k].float(), two[k].float(), atol=atol, rtol=0) for k in one)
     initial = peftlab.wrap(tiny_llama(), method, **JOB_CONFIGS[method]) if method != "evalora" else None
     if initial is not None:
         trained = peftlab.io.adapter_state_dict(initial)
