@@ -5,7 +5,7 @@ inside) and the accuracy on the held-out split, measured by one shared evaluatio
 floor: the frozen base alone (forward plus activation gradients, no adapters, no optimizer) over
 peftlab's batches. PEFT's time over the floor is the most any adapter library could gain.
 
-    python benchmarks/end_to_end.py --rounds 2
+    python benchmarks/end_to_end.py --rounds 3
 """
 from __future__ import annotations
 
@@ -15,15 +15,12 @@ import math
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import peftlab
 from peftlab import cli
 from peftlab.data import EpochBatches
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def settings(method: str) -> dict:
@@ -104,7 +101,7 @@ def main() -> None:
             results[name].append(runner(run))
     print(f"{args.method} recipe on the embedded task ({run['adapter_config']}), {args.rounds} rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| trainer | median wall time | accuracies |\n|---|---|---|")
+    print("| run | median wall time | accuracies |\n|---|---|---|")
     for name, rows in results.items():
         print(f"| {name} | {statistics.median(r[0] for r in rows):.1f} s | "
               f"{', '.join(f'{100 * r[1]:.1f}%' for r in rows if r[1] is not None) or '-'} |")
