@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapters.base import PEFT_PREFIX as PREFIX
 from .adapters.inject import state_of, unwrap, wrap
 from .adapters.registry import Method, get_method, list_adapters
 
@@ -26,7 +27,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFTLAB_NAME = "peftlab.json"
 FORMAT_VERSION = 1
-PREFIX = "base_model.model."
 
 # PEFT config keys that describe the file or an init recipe, not the forward math.
 _PEFT_METADATA = {
@@ -266,3 +266,18 @@ def export_lora(model: nn.Module, output_dir: str | os.PathLike, rank: int | Non
     }
     write_adapter_files(model, output_dir, tensors, peft_config, {"method": "lora", "exported_from": state.method.name})
     return errors
+
+
+def export_peft(model: nn.Module, output_dir: str | os.PathLike) -> Path:
+    """Write the adapter in HF PEFT's own format where it differs from peftlab's file (RandLoRA:
+    PEFT's RANDLORA with the bases included), so `peft.PeftModel.from_pretrained` loads it with
+    identical outputs. Methods that already save as PEFT's type only need `save_adapter`."""
+    state = state_of(model)
+    native = state.config.peft_native(state.layers)
+    if native is None:
+        raise ValueError(f"{state.method.name} adapters need no conversion: save_adapter writes PEFT type "
+                         f"{state.method.peft_type!r}" + ("" if not state.method.peft_type.startswith("PEFTLAB_")
+                         else ", which HF PEFT has no method for; export it as a LoRA (export_lora)"))
+    tensors, peft_config = native
+    return write_adapter_files(model, output_dir, tensors, peft_config,
+                               {"method": state.method.name, "exported_as": "peft"})

@@ -68,3 +68,32 @@ def tokens(batch: int = 2, length: int = 8, vocab: int = 96, seed: int = 0) -> t
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+def adapter_optimizer(model: nn.Module, lr: float = 1e-2, **kwargs) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, handed to the model's controller."""
+    import peftlab
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **kwargs)
+    peftlab.controller(model).bind_optimizer(optimizer)
+    return optimizer
+
+
+def lifecycle_steps(model: nn.Module, steps: int, optimizer=None, start: int = 0, batch=None, lr: float = 1e-2,
+                    after=None) -> torch.optim.Optimizer:
+    """The README's hand-written loop on a causal LM: loss + penalty, backward, the hooks around each
+    step. `after(step)` runs after each step (to record a trajectory)."""
+    import peftlab
+
+    ctl = peftlab.controller(model)
+    x = tokens() if batch is None else batch
+    optimizer = optimizer or adapter_optimizer(model, lr)
+    for step in range(start, start + steps):
+        (model(x, labels=x).loss + ctl.penalty(step)).backward()
+        ctl.before_optimizer_step(step)
+        optimizer.step()
+        ctl.after_optimizer_step(step)
+        optimizer.zero_grad()
+        if after is not None:
+            after(step)
+    return optimizer

@@ -1,4 +1,4 @@
-"""AdaLoRA's spec oracles (specs/lora-adalora-increlora.md §5, AdaLoRA 1-13) and PEFT cross-over."""
+"""AdaLoRA (arXiv:2303.10512) against its paper's equations and the released code, and PEFT cross-over."""
 import json
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 
 import peftlab
-from peftlab.adapters.adalora import orthogonality_penalty, update_sensitivity
+from peftlab.adapters.svd import orthogonality_penalty, update_sensitivity
 
-from conftest import randomize_adapters, tiny_llama, tokens
+from conftest import adapter_optimizer, lifecycle_steps, randomize_adapters, tiny_llama, tokens
 from test_lora import Holder
 
 
@@ -17,13 +17,6 @@ def adalora(model=None, **kw):
     return peftlab.wrap(model if model is not None else tiny_llama(), "adalora", **{**cfg, **kw})
 
 
-def step(model, x, opt, t):
-    ctl = peftlab.controller(model)
-    model(x, labels=x).loss.backward()
-    ctl.before_optimizer_step(t)
-    opt.step()
-    ctl.after_optimizer_step(t)
-    opt.zero_grad()
 
 
 def test_identity_at_init_and_init_gradients():
@@ -37,10 +30,16 @@ def test_identity_at_init_and_init_gradients():
         assert torch.count_nonzero(layer.lora_A.grad) == 0 and torch.count_nonzero(layer.lora_B.grad) == 0
 
 
-def test_regularizer_gradient_reaches_A_and_B_through_the_hook():
+def test_regularizer_is_the_formula_over_every_module_and_its_gradient_reaches_A_and_B():
     model = adalora(orth_reg_weight=0.3)
     layers = list(model.peftlab.layers.values())
-    peftlab.controller(model).before_optimizer_step(0)  # no task gradient yet: only γ·R's
+    penalty = peftlab.controller(model).penalty(0)
+    # independent oracle: 0.3 x the mean of the unsquared Frobenius norms, written out by hand
+    terms = [torch.sqrt(((l.lora_A @ l.lora_A.t() - torch.eye(6)) ** 2).sum()) for l in layers]
+    terms += [torch.sqrt(((l.lora_B.t() @ l.lora_B - torch.eye(6)) ** 2).sum()) for l in layers]
+    expected = 0.3 * sum(terms) / len(terms)
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+    penalty.backward()
     a, b = layers[0].lora_A.detach().requires_grad_(), layers[0].lora_B.detach().requires_grad_()
     pairs = [(a, b)] + [(l.lora_A.detach(), l.lora_B.detach()) for l in layers[1:]]
     ga, gb = torch.autograd.grad(0.3 * orthogonality_penalty(pairs), (a, b))
@@ -99,10 +98,10 @@ def test_masking_follows_the_budget_zeroes_only_E_and_freezes_in_the_final_phase
     model = adalora(deltaT=1, lora_dropout=0.0)
     ctl = peftlab.controller(model)
     x = tokens()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = adapter_optimizer(model)
     final_pattern = None
     for t in range(20):
-        model(x, labels=x).loss.backward()
+        (model(x, labels=x).loss + ctl.penalty(t)).backward()
         ctl.before_optimizer_step(t)
         opt.step()
         snapshot = {n: (l.lora_A.clone(), l.lora_B.clone()) for n, l in model.peftlab.layers.items()}
@@ -152,9 +151,7 @@ def test_merge_with_masked_triplets_and_save_load_round_trip(tmp_path):
 def test_peftlab_adalora_loads_in_peft_and_back(tmp_path):
     model = adalora(total_step=12, tinit=1, tfinal=3)
     x = tokens()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    for t in range(12):
-        step(model, x, opt, t)
+    lifecycle_steps(model, 12, lr=5e-2)
     assert peftlab.controller(model).report()["budget"] == 8
     model.eval()
     expected = model(x).logits
@@ -181,22 +178,53 @@ def test_peft_adalora_loads_in_peftlab(tmp_path):
     torch.testing.assert_close(ours(x).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_equals_peft_step_by_step_with_its_regularizer():
+    """E, A, B and the masks equal HF PEFT's AdaLoRA after every one of 24 steps, with PEFT built with a
+    task_type so that its orthogonality regularizer joins the loss (it does so inside forward)."""
+    settings = dict(init_r=6, target_r=2, total_step=24, tinit=3, tfinal=6, deltaT=2, beta1=0.85, beta2=0.85,
+                    orth_reg_weight=0.3, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    theirs = get_peft_model(tiny_llama(), AdaLoraConfig(task_type="CAUSAL_LM", **settings)).train()
+    ours = adalora(**settings).train()
+    names = list(ours.peftlab.layers)
+    with torch.no_grad():
+        for name in names:
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            for key in ("lora_A", "lora_E", "lora_B"):
+                getattr(peft_layer, key)["default"].normal_(0, 0.1)  # E non-zero from the start
+                getattr(ours.peftlab.layers[name], key).copy_(getattr(peft_layer, key)["default"])
+    their_opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=2e-2)
+    x = tokens(batch=4, length=12)
+
+    def compare(step):
+        for name in names:
+            peft_layer, layer = theirs.base_model.model.get_submodule(name), ours.peftlab.layers[name]
+            for key in ("lora_A", "lora_E", "lora_B"):
+                torch.testing.assert_close(getattr(layer, key), getattr(peft_layer, key)["default"],
+                                           atol=1e-5, rtol=1e-4, msg=f"{name}.{key} after step {step}")
+            assert torch.equal(layer.lora_E[:, 0] != 0, peft_layer.lora_E["default"][:, 0] != 0), (name, step)
+
+    def their_step(step):
+        theirs(input_ids=x, labels=x).loss.backward()  # PEFT adds γ·R to the loss in forward
+        their_opt.step()
+        theirs.base_model.update_and_allocate(step)
+        their_opt.zero_grad()
+
+    def both(step):
+        their_step(step)
+        compare(step)
+
+    lifecycle_steps(ours, 24, batch=x, lr=2e-2, after=both)
+    assert peftlab.controller(ours).report()["budget"] == 2 * len(names)
+
+
 def test_resume_continues_exactly(tmp_path):
-    x = tokens()
-
-    def run(steps, model, opt):
-        for t in steps:
-            step(model, x, opt, t)
-
     torch.manual_seed(0)
     full = adalora()
-    opt = torch.optim.AdamW([p for p in full.parameters() if p.requires_grad], lr=1e-2)
-    run(range(20), full, opt)
+    lifecycle_steps(full, 20)
 
     torch.manual_seed(0)
     first = adalora()
-    opt1 = torch.optim.AdamW([p for p in first.parameters() if p.requires_grad], lr=1e-2)
-    run(range(9), first, opt1)
+    opt1 = lifecycle_steps(first, 9)
     params = {n: p.detach().clone() for n, p in first.named_parameters() if p.requires_grad}
     ctl_state, opt_state = peftlab.controller(first).state_dict(), opt1.state_dict()
 
@@ -205,23 +233,35 @@ def test_resume_continues_exactly(tmp_path):
         for n, p in second.named_parameters():
             if p.requires_grad:
                 p.copy_(params[n])
-    opt2 = torch.optim.AdamW([p for p in second.parameters() if p.requires_grad], lr=1e-2)
+    opt2 = adapter_optimizer(second)
     opt2.load_state_dict(opt_state)
     peftlab.controller(second).load_state_dict(ctl_state)
-    run(range(9, 20), second, opt2)
+    lifecycle_steps(second, 11, opt2, start=9)
     for (n, a), b in zip(full.named_parameters(), second.parameters()):
         assert torch.equal(a, b), n
     assert peftlab.controller(full).report() == peftlab.controller(second).report()
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"total_step": None}, "adalora needs total_step"),
+    ({"total_step": 0}, "adalora total_step must be >= 1"),
     ({"total_step": 10, "tinit": 5, "tfinal": 5}, r"tinit=5 \+ tfinal=5 must be < total_step=10"),
     ({"total_step": 10, "init_r": 4, "target_r": 6}, "target_r=6 must be between 1 and init_r=4"),
 ])
 def test_inconsistent_schedules_are_errors_with_the_numbers(kwargs, message):
     with pytest.raises(ValueError, match=message):
         peftlab.get_config("adalora", **kwargs)
+
+
+def test_run_length_comes_from_the_front_end_when_unset():
+    model = adalora(total_step=None, tinit=None, tfinal=None)
+    ctl = peftlab.controller(model)
+    with pytest.raises(RuntimeError, match="expect_total_steps"):
+        lifecycle_steps(model, 1)
+    ctl.expect_total_steps(40)  # the schedule, and the saved config, now follow the run's length
+    assert (ctl.config.total_step, ctl.config.tinit, ctl.config.tfinal) == (40, 6, 14)
+    assert model.peftlab.config.total_step == 40
+    with pytest.raises(ValueError, match="total_step=40 but training runs 30"):
+        ctl.expect_total_steps(30)
 
 
 def test_trainer_refuses_a_schedule_for_another_run_length(tmp_path):

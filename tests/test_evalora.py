@@ -35,7 +35,7 @@ def synthetic(batches=24, tokens=256, d=64, seed=0):
 
 def prepared(model, batches, **cfg):
     peftlab.wrap(model, "evalora", **cfg)
-    peftlab.controller(model).prepare(model, batches)
+    peftlab.controller(model).prepare(batches)
     return model
 
 
@@ -71,12 +71,12 @@ def test_budget_is_exact_capped_and_the_top_ratios():
     peftlab.wrap(model, "evalora", r=4, rho=2.0)
     ctl = peftlab.controller(model)
     ctl.bind_optimizer(object())  # keep every layer (no trimming) so ranks can be read per layer
-    ctl.prepare(model, batches)
+    ctl.prepare(batches)
     ranks = ctl.report()["ranks"]
     assert sum(ranks.values()) == 4 * 14 and all(0 <= r <= 8 for r in ranks.values())
     assert len(set(ranks.values())) > 1, "ranks were redistributed"
     flat = peftlab.wrap(tiny_llama(), "evalora", r=4, rho=1.0)
-    peftlab.controller(flat).prepare(flat, batches)
+    peftlab.controller(flat).prepare(batches)
     assert set(peftlab.controller(flat).report()["ranks"].values()) == {4}
 
 
@@ -156,7 +156,7 @@ def test_deterministic_and_leaves_the_global_generator_alone():
     batches = [{"input_ids": tokens(4, 16, seed=i)} for i in range(6)]
     a = peftlab.wrap(tiny_llama(), "evalora", r=4)
     state = torch.get_rng_state()
-    peftlab.controller(a).prepare(a, batches)
+    peftlab.controller(a).prepare(batches)
     assert torch.equal(torch.get_rng_state(), state)
     b = prepared(tiny_llama(), batches, r=4)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):

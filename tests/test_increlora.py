@@ -1,13 +1,13 @@
-"""IncreLoRA's spec oracles (specs/lora-adalora-increlora.md §5, IncreLoRA 1-13)."""
+"""IncreLoRA (arXiv:2308.12043) against its paper, the released code, and independent oracles."""
 import math
 
 import pytest
 import torch
 
 import peftlab
-from peftlab.adapters.adalora import orthogonality_penalty
+from peftlab.adapters.svd import orthogonality_penalty
 
-from conftest import tiny_llama, tokens
+from conftest import adapter_optimizer, lifecycle_steps, tiny_llama, tokens
 
 TARGETS = ["q_proj", "v_proj", "o_proj"]  # 6 modules in the tiny Llama
 
@@ -18,18 +18,11 @@ def increlora(**kw):
     return peftlab.wrap(tiny_llama(), "increlora", **{**cfg, **kw})
 
 
-def run(model, steps, lr=1e-2, start=0, opt=None):
+def run(model, steps, start=0, opt=None):
+    """The hand-written loop; returns the total rank after every step, and the optimizer."""
     ctl = peftlab.controller(model)
-    x = tokens()
-    opt = opt or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     history = []
-    for t in range(start, start + steps):
-        model(x, labels=x).loss.backward()
-        ctl.before_optimizer_step(t)
-        opt.step()
-        ctl.after_optimizer_step(t)
-        opt.zero_grad()
-        history.append(ctl.total_rank)
+    opt = lifecycle_steps(model, steps, opt, start=start, after=lambda t: history.append(ctl.total_rank))
     return history, opt
 
 
@@ -40,6 +33,7 @@ def test_step0_reserves_and_identity(advance):
     base = tiny_llama()(x).logits
     assert torch.equal(model(x).logits, base)
     model(x, labels=x).loss.backward()
+    adapter_optimizer(model)
     peftlab.controller(model).before_optimizer_step(0)
     for layer in model.peftlab.layers.values():
         assert int(layer.reserve.sum()) == 1 and layer.rank == 1
@@ -70,6 +64,22 @@ def test_last_round_never_overshoots_with_rank_step_above_one():
     assert history[-1] == 12 and max(history) == 12
 
 
+def test_the_ceiling_is_exact_and_reported():
+    model = increlora(init_r=1, target_r=3, rank_step=2, top_h=1, max_rank=4)
+    history, _ = run(model, 40)
+    ranks = peftlab.controller(model).report()["ranks"]
+    assert max(ranks.values()) == 4 and sum(ranks.values()) == history[-1] == 18
+    assert sorted(peftlab.controller(model).report()["at_ceiling"]) == sorted(n for n, r in ranks.items() if r == 4)
+    assert peftlab.get_config("increlora", init_r=2, target_r=8, rank_step=4).max_rank == 2 + 24  # never binds
+
+
+def test_growth_keys_on_the_first_applied_step_not_on_step_zero():
+    """A non-finite step 0 is skipped by every front end: the controller first sees step 1."""
+    model = increlora()
+    history, _ = run(model, 29, start=1)
+    assert history[-1] == 18 == peftlab.controller(model).target_total
+
+
 def test_selection_is_the_top_h_by_smoothed_score():
     model = increlora(orth_reg_weight=0.0)
     ctl = peftlab.controller(model)
@@ -82,23 +92,53 @@ def test_selection_is_the_top_h_by_smoothed_score():
     assert sorted(n for n in names if ranks[n] == 2) == sorted(names[-2:])
 
 
-def test_scale_jump_and_warmup_of_new_components():
-    model = increlora(orth_reg_weight=0.0, component_warmup=4)
+def test_growth_scales_the_old_components_output_by_r_over_r_plus_m():
+    model = increlora(orth_reg_weight=0.0, advance_learn=False, rank_step=2)
     ctl = peftlab.controller(model)
-    run(model, 7)  # t = 0..6; the first growth happens at t = 6
-    name = next(n for n, l in model.peftlab.layers.items() if l.rank == 2)
-    layer = model.peftlab.layers[name]
-    assert layer.scale == pytest.approx(64 / (2 + 1e-5))  # α / ranknum: it was α / 1 before growing
-    row = int(torch.nonzero(ctl.e_born[name] == 6)[0])
-    # one step later the new component takes (age + 1) / (warmup + 1) = 2/5 of its plain update
+    run(model, 3)  # the rank-1 components have trained; the reserves exist (at E = 0)
+    layers = model.peftlab.layers
+    x = torch.randn(3, 32)
+    torch.set_grad_enabled(False)
+    before = {name: layer.branch(x) for name, layer in layers.items()}
+    ctl._grow(step=3)
+    grown = [name for name, layer in layers.items() if layer.rank == 3]
+    assert len(grown) == 2
+    for name, layer in layers.items():  # α/(r + m): the old component's contribution drops by r/(r+m)
+        m = layer.rank - 1
+        torch.testing.assert_close(layer.branch(x), before[name] * (1 + 1e-5) / (1 + m + 1e-5), atol=1e-7, rtol=1e-5)
+    torch.set_grad_enabled(True)
+
+
+def test_a_new_component_trains_like_a_fresh_adamw_parameter_group():
+    """From its birth at step 6, a grown component's A row, E entry and B column move exactly as a
+    torch.optim.AdamW group created at step 6 fed the same gradients, under the component's own
+    schedule (linear warm-up over component_warmup steps, then linear decay to 0 at total_step)."""
+    total, warmup, lr, wd = 40, 3, 1e-2, 0.01
+    model = increlora(orth_reg_weight=0.1, advance_learn=False, component_warmup=warmup, total_step=total)
+    ctl = peftlab.controller(model)
+    optimizer = adapter_optimizer(model, lr=lr, weight_decay=wd)
+    run(model, 7, opt=optimizer)  # growth at t = 6
+    name = next(n for n, born in ctl.e_born.items() if (born == 6).any())
+    layer, row = model.peftlab.layers[name], int(torch.nonzero(ctl.e_born[name] == 6)[0])
+    views = {"lora_A": lambda t: t[row], "lora_E": lambda t: t[row], "lora_B": lambda t: t[:, row]}
+    fresh = {k: view(getattr(layer, k)).detach().clone().requires_grad_() for k, view in views.items()}
+    fresh_opt = torch.optim.AdamW(list(fresh.values()), lr=lr, weight_decay=wd)
     x = tokens()
-    model(x, labels=x).loss.backward()
-    ctl.before_optimizer_step(7)
-    before, grad = layer.lora_E[row].detach().clone(), layer.lora_E.grad[row].clone()
-    assert grad.abs().item() > 0
-    torch.optim.SGD([layer.lora_E], lr=0.1).step()
-    ctl.after_optimizer_step(7)
-    torch.testing.assert_close(layer.lora_E[row].detach(), before - 2 / 5 * 0.1 * grad)
+    for t in range(7, 15):
+        age = t - 6
+        factor = age / warmup if age < warmup else (total - 6 - age) / (total - 6 - warmup)
+        fresh_opt.param_groups[0]["lr"] = lr * factor
+        (model(x, labels=x).loss + ctl.penalty(t)).backward()
+        ctl.before_optimizer_step(t)
+        for key, view in views.items():
+            fresh[key].grad = view(getattr(layer, key).grad).clone()
+        fresh_opt.step()
+        optimizer.step()
+        ctl.after_optimizer_step(t)
+        optimizer.zero_grad()
+        for key, view in views.items():
+            torch.testing.assert_close(view(getattr(layer, key)).detach(), fresh[key].detach(), atol=1e-6, rtol=0,
+                                       msg=f"{key} at step {t}")
 
 
 def test_score_formula_matches_the_analytic_gradient():
@@ -116,12 +156,19 @@ def test_score_formula_matches_the_analytic_gradient():
     assert layer.score.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_regularizer_covers_reserves():
+def test_regularizer_covers_reserves_and_matches_an_independent_formula():
     model = increlora(orth_reg_weight=0.5)
     ctl = peftlab.controller(model)
-    run(model, 1)  # step 0 creates the reserves; they train from step 1 on
-    ctl.before_optimizer_step(1)  # no backward: the gradient is γR's alone
-    layer = model.peftlab.layers["model.layers.0.self_attn.q_proj"]
+    run(model, 1)  # step 0 draws the reserves
+    layers = [l for l in model.peftlab.layers.values()]
+    penalty = ctl.penalty(1)
+    norms = []
+    for l in layers:  # over active and reserve rows: rank 1 + 1 reserve = 2 rows each
+        a, b = l.lora_A[:2].detach(), l.lora_B[:, :2].detach()
+        norms += [torch.sqrt(((a @ a.t() - torch.eye(2)) ** 2).sum()), torch.sqrt(((b.t() @ b - torch.eye(2)) ** 2).sum())]
+    assert penalty.item() == pytest.approx(0.5 * sum(norms).item() / len(norms), rel=1e-6)
+    penalty.backward()
+    layer = layers[0]
     assert torch.count_nonzero(layer.lora_A.grad[layer.reserve]) > 0
     assert torch.count_nonzero(layer.lora_A.grad[~layer.live]) == 0
     q, _ = torch.linalg.qr(torch.randn(32, 2))
@@ -157,7 +204,7 @@ def test_resume_continues_exactly():
             if p.requires_grad:
                 p.copy_(params[n])
     peftlab.controller(second).load_state_dict(state)
-    opt2 = torch.optim.AdamW([p for p in second.parameters() if p.requires_grad], lr=1e-2)
+    opt2 = adapter_optimizer(second)
     opt2.load_state_dict(opt_state)
     torch.set_rng_state(rng)  # fresh reserves are drawn from the global generator
     run(second, 11, start=9, opt=opt2)
@@ -166,7 +213,7 @@ def test_resume_continues_exactly():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "increlora needs total_step"),
+    ({"total_step": 0}, "increlora total_step must be >= 1"),
     ({"total_step": 10, "init_r": 4, "target_r": 2}, "init_r=4 <= target_r=2"),
     ({"total_step": 10, "target_r": 8, "max_rank": 4}, "target_r=8 <= max_rank=4"),
 ])

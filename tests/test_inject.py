@@ -105,9 +105,6 @@ def test_overrides_with_a_config_object_are_an_error():
 def test_controller_is_reachable_and_default_hooks_are_noops():
     model = peftlab.wrap(tiny_llama(), "lora")
     ctl = peftlab.controller(model)
-    assert ctl.state_dict() == {} and ctl.report() == {}
-    groups = ctl.param_groups(model, 1e-3)
-    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
-        p.numel() for p in model.parameters() if p.requires_grad)
+    assert ctl.state_dict() == {} and ctl.report() == {} and ctl.penalty(0) == 0.0
     with pytest.raises(ValueError, match="no peftlab adapters"):
         peftlab.controller(nn.Linear(2, 2))

@@ -250,7 +250,7 @@ def test_no_graph_breaks_from_our_layers(method):
     torch._dynamo.reset()
     model = peftlab.wrap(tiny_llama(), method, **{**CASES[method].config, "target_modules": "all-linear"}).train()
     x = tokens()
-    peftlab.controller(model).prepare(model, [{"input_ids": x, "labels": x}])
+    peftlab.controller(model).prepare([{"input_ids": x, "labels": x}])
     explanation = torch._dynamo.explain(model)(x, labels=x)
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
 

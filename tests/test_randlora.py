@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import peftlab
-from peftlab.adapters.randlora import RandomBases, ScaleBases, export_peft_randlora
+from peftlab.adapters.randlora import RandomBases, ScaleBases
+from peftlab.io import export_peft
 
 from conftest import randomize_adapters, tiny_llama, tokens
 from test_lora import Holder
@@ -125,7 +126,7 @@ def test_export_to_peft_randlora_gives_identical_outputs(tmp_path):
     randomize_adapters(model)
     x = tokens()
     expected = model(x).logits
-    export_peft_randlora(model, tmp_path)
+    export_peft(model, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no "missing adapter keys", no unknown config keys
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")

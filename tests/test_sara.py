@@ -90,20 +90,30 @@ def test_only_selected_entries_change_even_with_weight_decay():
     assert all(s["exp_avg"].numel() == len(layer.idx) for s in opt.state.values())
 
 
-def test_nuclear_norm_gradient_equals_autograd():
+def test_nuclear_norm_term_on_a_partly_selected_matrix_with_frozen_entries():
+    """λ‖W ⊙ M‖_* over the live (selected, unfrozen) entries; its gradient is λ·U Vᵀ at those
+    entries (the analytic subgradient of the nuclear norm) and zero at frozen ones."""
     torch.manual_seed(0)
-    model = sara(nn.Linear(80, 70), threshold=10.0, lambda_rank=0.3)  # everything selected: full rank
+    model = sara(nn.Linear(80, 70), threshold=0.08, lambda_rank=0.3)  # about 3/4 of the entries selected
     layer, ctl = model.proj, peftlab.controller(model)
-    ctl.bind_optimizer(torch.optim.SGD([layer.values], lr=0.1))
-    assert ctl.eligible() == ["proj"]
-    ctl.before_optimizer_step(0)
-    values = layer.values.detach().clone().requires_grad_()
-    matrix = torch.zeros(70, 80).view(-1).index_put((layer.idx,), values).view(70, 80)
-    (0.3 * torch.linalg.matrix_norm(matrix, ord="nuc")).backward()
-    torch.testing.assert_close(layer.values.grad, values.grad, atol=1e-6, rtol=1e-5)
-    assert ctl.report()["nuclear_norm"] == pytest.approx(torch.linalg.matrix_norm(matrix, ord="nuc").item(), rel=1e-5)
+    assert 0.5 < len(layer.idx) / (70 * 80) < 0.9 and ctl.eligible() == ["proj"]
+    with torch.no_grad():
+        layer.values.add_(torch.randn_like(layer.values) * 0.05)  # trained values, not W0's
+        layer.frozen[::3] = True
+        layer.frozen_values = layer.values.detach().clone()
+    penalty = ctl.penalty(0)
+    penalty.backward()
+    live = ~layer.frozen
+    matrix = torch.zeros(70 * 80)
+    matrix[layer.idx[live]] = layer.values.detach()[live]
+    u, singular, vh = torch.linalg.svd(matrix.view(70, 80), full_matrices=False)
+    assert penalty.item() == pytest.approx(0.3 * singular.sum().item(), rel=1e-5)
+    expected = 0.3 * (u @ vh).reshape(-1)[layer.idx]
+    expected[layer.frozen] = 0
+    torch.testing.assert_close(layer.values.grad, expected, atol=1e-6, rtol=1e-5)
+    assert ctl.report()["nuclear_norm"] == pytest.approx(singular.sum().item(), rel=1e-5)
     small = sara(nn.Linear(60, 70), threshold=10.0)  # min dim <= 64: never penalized
-    assert peftlab.controller(small).eligible() == []
+    assert peftlab.controller(small).eligible() == [] and peftlab.controller(small).penalty(0) == 0.0
 
 
 def test_progressive_reselection_freezes_what_grew():
@@ -114,7 +124,7 @@ def test_progressive_reselection_freezes_what_grew():
     ctl.bind_optimizer(opt)
     x = torch.randn(8, 32)
     for step in range(6):
-        model(x).pow(2).sum().backward()
+        (model(x).pow(2).sum() + ctl.penalty(step)).backward()
         ctl.before_optimizer_step(step)
         opt.step()
         if step == 2:

@@ -3,11 +3,11 @@ values are pruned by importance under a shrinking global rank budget.
 
     ΔW = c · P Λ Q = c · B (A ⊙ E),   A: (r0, d_in), E: (r0, 1), B: (d_out, r0),   c = α / (r0 + 1e-5)
 
-The controller runs the method between optimizer steps (spec §2.7):
-  before_optimizer_step: adds the gradient of γ·R, the orthogonality regularizer (§2.3);
-  after_optimizer_step:  updates the importance EMAs from w·∂L/∂w (§2.4) and zeroes the
+The controller runs the method around optimizer steps (Algorithm 1 of the paper):
+  penalty:               γ·R, the orthogonality regularizer on P and Q, joins the loss (eq. 4);
+  after_optimizer_step:  updates the importance EMAs from w·∂L/∂w (eq. 5-7) and zeroes the
                          singular values of the least important triplets down to the cubic
-                         budget b(t) (§2.5-2.6). Shapes never change; masking only zeroes E.
+                         budget b(t) (eq. 8, eq. 12). Shapes never change; masking only zeroes E.
 """
 from __future__ import annotations
 
@@ -17,88 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
-from .base import AdapterConfig, AdapterLayer, Controller, opt
+from .base import AdapterConfig, AdapterLayer, ScheduledController, opt
 from .registry import register
-
-
-class SVDLinear(AdapterLayer):
-    """The triplet parametrization shared by AdaLoRA and IncreLoRA: row i of A, E_i, column i of B.
-
-    `active` marks the triplets that count towards the rank; a masked triplet has E_i == 0.
-    """
-
-    def __init__(self, base_layer: nn.Module, rows: int, alpha: float, ranknum: float, dropout: float):
-        super().__init__(base_layer)
-        device = next(base_layer.parameters()).device
-        self.lora_A = nn.Parameter(torch.randn(rows, self.in_features, device=device) * 0.02)   # (r0, d_in)
-        self.lora_E = nn.Parameter(torch.zeros(rows, 1, device=device))                         # (r0, 1)
-        self.lora_B = nn.Parameter(torch.randn(self.out_features, rows, device=device) * 0.02)  # (d_out, r0)
-        self.register_buffer("active", torch.ones(rows, dtype=torch.bool, device=device), persistent=False)
-        self.alpha, self.ranknum = alpha, float(ranknum)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (self.ranknum + 1e-5)
-
-    @property
-    def rank(self) -> int:
-        return int(self.active.sum())
-
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        return {"lora_A": self.lora_A, "lora_E": self.lora_E, "lora_B": self.lora_B}
-
-    def singular_values(self) -> Tensor:
-        """E as the forward uses it (a masked AdaLoRA triplet may revive between masks: no mask here)."""
-        return self.lora_E
-
-    def low_rank_product(self) -> kernels.LowRankProduct | None:
-        return kernels.LowRankProduct(self.lora_A * self.singular_values(), self.lora_B, self.scale,
-                                      kernels.dropout_p(self.dropout))
-
-    def branch(self, x: Tensor) -> Tensor:
-        h = self.dropout(x.to(self.lora_A.dtype))                          # (..., d_in)
-        return (h @ (self.lora_A * self.singular_values()).t() @ self.lora_B.t()) * self.scale
-
-    def delta_weight(self) -> Tensor:
-        return (self.lora_B.float() @ (self.lora_A.float() * self.singular_values().float())) * self.scale
-
-    @torch.no_grad()
-    def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
-        e = self.singular_values().float()
-        keep = e[:, 0] != 0  # exact: a zero singular value contributes nothing
-        if rank is not None and rank < int(keep.sum()):
-            return super().lora_factors(rank)
-        return (self.lora_A.float() * e)[keep] * self.scale, self.lora_B.float()[:, keep]
-
-    @torch.no_grad()
-    def mask(self, active: Tensor) -> None:
-        """Keep the triplets in `active`; the others get a zero singular value (A, B untouched)."""
-        self.active.copy_(active)
-        self.lora_E[~active] = 0.0
-
-    def peft_state(self) -> dict[str, Tensor]:
-        # PEFT's AdaLoRA keys carry no ".weight", and saving truncates to the live triplets
-        keep = self.active
-        return {"lora_A": self.lora_A.detach()[keep], "lora_E": self.lora_E.detach()[keep],
-                "lora_B": self.lora_B.detach()[:, keep]}
-
-    @torch.no_grad()
-    def load_peft_state(self, state: dict[str, Tensor]) -> None:
-        keep = self.active  # the saved rows are the live triplets, in order
-        self.lora_A[keep] = state["lora_A"]
-        self.lora_E.zero_()
-        self.lora_E[keep] = state["lora_E"]
-        self.lora_B[:, keep] = state["lora_B"]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}/{self.lora_A.shape[0]}, scale={self.scale:g}"
+from .svd import SVDLinear, orthogonality_penalty, update_sensitivity
 
 
 class AdaLoRALinear(SVDLinear):
     def __init__(self, base_layer: nn.Module, config: "AdaLoRAConfig", name: str):
-        # the scale keeps r0 for good, even after pruning and reloading (spec §2.1, §2.9)
+        # the scale keeps r0 for good, even after pruning and reloading, as the released code does
         super().__init__(base_layer, config.init_r, config.lora_alpha, config.init_r, config.lora_dropout)
         pattern = config.rank_pattern.get(f"{name}.lora_E")
         if pattern is not None:  # a saved adapter: only the live triplets come from the file
@@ -107,32 +33,7 @@ class AdaLoRALinear(SVDLinear):
             self.mask(torch.tensor(pattern, dtype=torch.bool, device=self.active.device))
 
 
-def orthogonality_penalty(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """R = mean over all A and B of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F: unsquared and averaged, as the
-    released code does (the paper's eq. 4 squares and sums; spec §2.3 follows the code)."""
-    terms = []
-    for a, b in pairs:
-        eye = torch.eye(a.shape[0], device=a.device, dtype=a.dtype)
-        terms += [torch.linalg.matrix_norm(a @ a.t() - eye), torch.linalg.matrix_norm(b.t() @ b - eye)]
-    return torch.stack(terms).mean()
-
-
-def add_penalty_gradient(penalty: Tensor, params: list[nn.Parameter]) -> None:
-    """Add ∂penalty/∂p to every p.grad, as if the penalty had been part of the loss."""
-    for p, g in zip(params, torch.autograd.grad(penalty, params, allow_unused=True)):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
-
-
-@torch.no_grad()
-def update_sensitivity(ema: dict[str, Tensor], param: Tensor, beta1: float, beta2: float) -> None:
-    """Ī ← β1 Ī + (1−β1)|w·g|;  Ū ← β2 Ū + (1−β2)|I − Ī| with the updated Ī (spec §2.4, eq. 5-7)."""
-    sensitivity = (param.float() * param.grad.float()).abs()
-    ema["I"].mul_(beta1).add_(sensitivity, alpha=1 - beta1)
-    ema["U"].mul_(beta2).add_((sensitivity - ema["I"]).abs(), alpha=1 - beta2)
-
-
-class AdaLoRAController(Controller):
+class AdaLoRAController(ScheduledController):
     def __init__(self, model: nn.Module, config: "AdaLoRAConfig", layers: dict[str, SVDLinear]):
         super().__init__(model, config, layers)
         self.ema = {f"{name}.{key}": {"I": torch.zeros_like(p, dtype=torch.float32),
@@ -142,14 +43,8 @@ class AdaLoRAController(Controller):
         self.target_budget = config.target_r * len(layers)
         self.final = False  # the pattern is frozen once the final phase starts
 
-    def expect_total_steps(self, total_steps: int) -> None:
-        if total_steps != self.config.total_step:
-            raise ValueError(
-                f"adalora total_step={self.config.total_step} but training runs {total_steps} optimizer steps; "
-                f"set total_step={total_steps} so that the budget schedule ends where training does")
-
     def budget(self, step: int) -> tuple[int, bool]:
-        """b(t) and whether to mask at step t: the cubic schedule of spec §2.5 (the code's form)."""
+        """b(t) and whether to mask at step t: the cubic schedule of eq. 12, in the released code's form."""
         cfg = self.config
         start, end = cfg.tinit, cfg.total_step - cfg.tfinal
         if step <= start:
@@ -161,7 +56,7 @@ class AdaLoRAController(Controller):
         return budget, step % cfg.deltaT == 0 or step == end
 
     def triplet_scores(self, name: str) -> Tensor:
-        """S_i = s(E_i) + mean_j s(A_ij) + mean_j s(B_ji), with s = Ī·Ū (spec §2.4, eq. 9)."""
+        """S_i = s(E_i) + mean_j s(A_ij) + mean_j s(B_ji), with s = Ī·Ū (eq. 9)."""
         s = {k: self.ema[f"{name}.{k}"]["I"] * self.ema[f"{name}.{k}"]["U"] for k in ("lora_A", "lora_E", "lora_B")}
         return s["lora_E"][:, 0] + s["lora_A"].mean(1) + s["lora_B"].mean(0)
 
@@ -175,14 +70,13 @@ class AdaLoRAController(Controller):
         for name, layer in self.layers.items():
             layer.mask(scores[name] > threshold)
 
-    def before_optimizer_step(self, step: int) -> None:
-        if self.config.orth_reg_weight > 0:
-            layers = list(self.layers.values())
-            with torch.enable_grad():
-                penalty = self.config.orth_reg_weight * orthogonality_penalty([(l.lora_A, l.lora_B) for l in layers])
-            add_penalty_gradient(penalty, [p for l in layers for p in (l.lora_A, l.lora_B)])
+    def penalty(self, step: int) -> Tensor | float:
+        if self.config.orth_reg_weight == 0:
+            return 0.0
+        return self.config.orth_reg_weight * orthogonality_penalty([(l.lora_A, l.lora_B) for l in self.layers.values()])
 
     def after_optimizer_step(self, step: int) -> None:
+        self.check_planned()
         cfg = self.config
         final_start = cfg.total_step - cfg.tfinal
         if step < final_start:
@@ -223,7 +117,8 @@ class AdaLoRAController(Controller):
 class AdaLoRAConfig(AdapterConfig):
     """AdaLoRA, Zhang et al. 2023 (arXiv:2303.10512): importance-pruned SVD-form update."""
 
-    total_step: int | None = opt(None, "optimizer steps of the whole run (required: the budget schedule ends there)")
+    total_step: int | None = opt(None, "optimizer steps of the whole run, where the budget schedule ends; "
+                                       "None: the trainer fills in the run's length")
     init_r: int = opt(12, "initial rank r0 of every module (the paper suggests 1.5 x target_r)")
     target_r: int = opt(8, "average rank the global budget shrinks to")
     tinit: int | None = opt(None, "steps before pruning starts; default 15% of total_step")
@@ -242,16 +137,6 @@ class AdaLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.total_step is None or self.total_step < 1:
-            raise ValueError(f"adalora needs total_step, the number of optimizer steps of the run "
-                             f"(got {self.total_step!r}); the budget schedule is laid out over it")
-        tinit = self.tinit if self.tinit is not None else int(0.15 * self.total_step)
-        tfinal = self.tfinal if self.tfinal is not None else max(1, int(0.35 * self.total_step))
-        object.__setattr__(self, "tinit", tinit)
-        object.__setattr__(self, "tfinal", tfinal)
-        if tinit < 0 or tfinal < 1 or tinit + tfinal >= self.total_step:
-            raise ValueError(f"adalora schedule leaves no budget phase: tinit={tinit} + tfinal={tfinal} must be "
-                             f"< total_step={self.total_step} (with tinit >= 0, tfinal >= 1)")
         if not 1 <= self.target_r <= self.init_r:
             raise ValueError(f"adalora target_r={self.target_r} must be between 1 and init_r={self.init_r}")
         if self.deltaT < 1:
@@ -260,6 +145,24 @@ class AdaLoRAConfig(AdapterConfig):
             raise ValueError(f"adalora beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
         if self.orth_reg_weight < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError("adalora needs orth_reg_weight >= 0, lora_alpha > 0 and lora_dropout in [0, 1)")
+        if self.total_step is None:
+            return
+        if self.total_step < 1:
+            raise ValueError(f"adalora total_step must be >= 1, got {self.total_step!r}")
+        tinit = self.tinit if self.tinit is not None else int(0.15 * self.total_step)
+        tfinal = self.tfinal if self.tfinal is not None else max(1, int(0.35 * self.total_step))
+        object.__setattr__(self, "tinit", tinit)
+        object.__setattr__(self, "tfinal", tfinal)
+        if tinit < 0 or tfinal < 1 or tinit + tfinal >= self.total_step:
+            raise ValueError(f"adalora schedule leaves no budget phase: tinit={tinit} + tfinal={tfinal} must be "
+                             f"< total_step={self.total_step} (with tinit >= 0, tfinal >= 1)")
+
+    @classmethod
+    def sized(cls, size: int) -> dict[str, Any]:
+        return {"target_r": size, "init_r": max(size, round(1.5 * size))}  # the paper's r0 = 1.5 x target
+
+    def final_parameter_count(self, shapes: list[tuple[int, int]]) -> int:
+        return sum(self.target_r * (d_out + d_in + 1) for d_out, d_in in shapes)  # A row, B column, E
 
     def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
         fields = super().peft_fields(layers)

@@ -1,7 +1,7 @@
 """ALLoRA (Huang & Balestriero 2024, arXiv:2410.09692): LoRA without dropout and without the α/r
 scale, whose factor gradients are scaled per output row by an adaptive coefficient
 
-    c_i = 1 / sqrt(‖(BA)_i‖₂ + 1/η²)         (row norm of the product, not squared; spec §A4)
+    c_i = 1 / sqrt(‖(BA)_i‖₂ + 1/η²)         (row norm of the product, not squared: the paper's listing)
 
 so that rows still at zero escape fast (c = η) and grown rows move carefully. Only ∂L/∂A and
 ∂L/∂B see c; the gradient passed to the layer below is the plain one. Saved and merged as a plain
@@ -52,10 +52,10 @@ class ALLoRALinear(LowRankLayer):
     def __init__(self, base_layer: nn.Module, config: "ALLoRAConfig", name: str):
         super().__init__(base_layer)
         device = next(base_layer.parameters()).device
-        self.r, self.inv_eta_sq, self.scale = config.r, 1.0 / config.eta ** 2, 1.0  # no α/r (spec §A3)
+        self.r, self.inv_eta_sq, self.scale = config.r, 1.0 / config.eta ** 2, 1.0  # no α/r (paper §4)
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))   # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))  # (d_out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0 (spec §A3)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0
 
     def low_rank_product(self) -> kernels.LowRankProduct | None:
         c = row_coefficients(self.lora_A, self.lora_B, self.inv_eta_sq)

@@ -1,12 +1,12 @@
 """The machinery every adapter method shares: config base, layer base, controller base.
 
 A method is a layer (what one wrapped module computes) plus, when it changes over training, a
-controller (what happens between optimizer steps). See DESIGN.md, "The adapter lifecycle".
+controller (what happens between optimizer steps). See docs/design-notes.md.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable
 
 import torch
@@ -15,6 +15,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import kernels, quant
+
+
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix of a module's adapter tensors in its files
 
 
 def opt(default: Any, doc: str, **kw: Any) -> Any:
@@ -90,6 +93,28 @@ class AdapterConfig:
         """Constructor arguments from an adapter_config.json."""
         return {k: v for k, v in saved.items() if k in cls.peft_keys()}
 
+    def peft_native(self, layers: dict[str, "AdapterLayer"]) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """(tensors, adapter_config) in HF PEFT's own format, for a method whose peftlab file differs
+        from PEFT's (io.export_peft writes them); None: save_adapter's file already is PEFT's, or PEFT
+        has no such method."""
+        return None
+
+    # --- sizing to a parameter budget (`peftlab compare --budget`) ---
+    @classmethod
+    def sized(cls, size: int) -> dict[str, Any]:
+        """The settings of size `size` (a rank for most methods)."""
+        return {"r": size}
+
+    def final_parameter_count(self, shapes: list[tuple[int, int]]) -> int:
+        """Trainable adapter parameters at the end of training on modules of these (d_out, d_in)."""
+        return sum(self.r * (d_out + d_in) for d_out, d_in in shapes)
+
+    @classmethod
+    def for_budget(cls, shapes: list[tuple[int, int]], budget: int) -> dict[str, Any]:
+        """The settings whose final parameter count on `shapes` comes closest to `budget`."""
+        best = min(range(1, 257), key=lambda size: abs(cls(**cls.sized(size)).final_parameter_count(shapes) - budget))
+        return cls.sized(best)
+
 
 _NOT_METHOD = {"target_modules", "exclude_modules", "modules_to_save", "fused"}  # targeting and run-time choices
 
@@ -161,10 +186,6 @@ class AdapterLayer(nn.Module):
                 return y
         y = self.base_layer(x, *args, **kwargs)
         return y + self.branch(x).to(y.dtype)
-
-    @property
-    def adapter_dtype(self) -> torch.dtype:
-        return next(iter(self.adapter_parameters().values())).dtype
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -273,9 +294,17 @@ class FoldedUpdate(torch.autograd.Function):
 class FoldedLayer(AdapterLayer):
     """For full-rank and sparse updates, whose ΔW costs as much as the base product: the update is
     folded into the base weight for each forward (W0 + ΔW, one matmul), in the base module's own
-    storage layout, and gradients come from the dense ∂L/∂W of that product (spec SaRA §B4.2)."""
+    storage layout, and gradients come from the dense ∂L/∂W of that product (the SaRA paper's sparse update, arXiv:2409.06633 §3.2)."""
 
     keep_weight = False  # True: keep W0 + ΔW from forward for backward instead of rebuilding it
+    dropout: nn.Module | None = None  # dropout on the update's input needs the separate branch
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or not self.enabled:
+            return self.base_layer(x)
+        if self.dropout is None:
+            return FoldedUpdate.apply(x, self, *self.adapter_parameters().values())
+        return super().forward(x)
 
     def storage_weight(self) -> Tensor:
         """W0 in the base module's storage layout (dequantized for a 4-bit base)."""
@@ -288,9 +317,6 @@ class FoldedLayer(AdapterLayer):
     def param_grads(self, grad_weight: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
         """∂L/∂params from ∂L/∂W (storage layout)."""
         raise NotImplementedError
-
-    def folded(self, x: Tensor, *params: Tensor) -> Tensor:
-        return FoldedUpdate.apply(x, self, *params)
 
     def base_op(self, x: Tensor, weight: Tensor) -> Tensor:
         base, bias = self.base_layer, self.base_layer.bias
@@ -328,7 +354,7 @@ class Controller:
     """What a method does between optimizer steps. The default does nothing (plain LoRA).
 
     The trainer, the transformers callback and hand-written loops call these hooks at the same
-    points (DESIGN.md, "The adapter lifecycle"); no front end knows any method by name.
+    points (README, "Python API"); no front end knows any method by name.
     """
 
     def __init__(self, model: nn.Module, config: AdapterConfig, layers: dict[str, AdapterLayer]):
@@ -337,22 +363,23 @@ class Controller:
         self.layers = layers  # module name -> wrapper, in model order
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def prepare(self, model: nn.Module, batches: Iterable[dict[str, Tensor]] | None = None) -> None:
+    def prepare(self, batches: Iterable[dict[str, Tensor]]) -> None:
         """One-off work after wrapping, before the optimizer exists; consumes no optimizer step."""
-
-    def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        return [{"params": params, "lr": base_lr}]
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Front ends hand over the optimizer once it exists (SaRA resets state when it re-selects)."""
         self.optimizer = optimizer
 
     def expect_total_steps(self, total_steps: int) -> None:
-        """Front ends announce how many optimizer steps they will run; a schedule that disagrees raises."""
+        """Front ends announce how many optimizer steps they will run (schedules are laid out over it)."""
+
+    def penalty(self, step: int) -> Tensor | float:
+        """A regularizer added to the training loss of optimizer step `step` (once per step), so that
+        clipping and the logged gradient norm see it as in the papers' code: `loss + ctl.penalty(step)`."""
+        return 0.0
 
     def before_optimizer_step(self, step: int) -> None:
-        """Gradients are final (accumulated, unscaled, all-reduced); `step` counts finished steps."""
+        """Gradients are final (accumulated, clipped, all-reduced); `step` counts finished steps."""
 
     def after_optimizer_step(self, step: int) -> None:
         """Weights are updated and gradients not yet zeroed."""
@@ -373,3 +400,37 @@ class Controller:
     def report(self) -> dict[str, Any]:
         """Values for the logger, e.g. the live rank of each module and the budget."""
         return {}
+
+
+class ScheduledController(Controller):
+    """A controller whose schedule is laid out over the run's length (AdaLoRA's budget, IncreLoRA's
+    growth, SaRA's re-selection). The length is the config's `total_step` when given; otherwise the
+    front end announces it through `expect_total_steps`, and a mismatch is an error rather than a
+    schedule that silently ends early or never (PEFT #1801's class of bug)."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, layers: dict[str, AdapterLayer]):
+        super().__init__(model, config, layers)
+        if config.total_step is not None:
+            self.plan()
+
+    @property
+    def method(self) -> str:
+        return type(self.config).__name__.removesuffix("Config").lower()
+
+    def expect_total_steps(self, total_steps: int) -> None:
+        if self.config.total_step is None:
+            self.config = replace(self.config, total_step=total_steps)  # validates the schedule against it
+            self.plan()
+        elif self.config.total_step != total_steps:
+            raise ValueError(f"{self.method} total_step={self.config.total_step} but training runs {total_steps} "
+                             f"optimizer steps; set total_step={total_steps} (or leave it unset: the trainer fills it in)")
+
+    def plan(self) -> None:
+        """Lay out the schedule over `self.config.total_step`."""
+
+    def check_planned(self) -> None:
+        if self.config.total_step is None:
+            raise RuntimeError(
+                f"{self.method} lays out its schedule over the run's length, which it was not told: call "
+                "peftlab.controller(model).expect_total_steps(N) before training (peftlab.Trainer and "
+                "PeftlabCallback do this), or wrap with total_step=N")

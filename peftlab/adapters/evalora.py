@@ -1,8 +1,8 @@
 """EVA, Explained Variance Adaptation (Paischer et al. 2024, arXiv:2410.07170): LoRA whose A is
 initialized from the principal directions of each layer's input activations, with the global rank
-budget redistributed across layers by explained variance (spec: evalora-randlora.md, part I).
+budget redistributed across layers by explained variance.
 
-`prepare(model, batches)` runs the frozen model on training batches (no optimizer step, no LR
+`prepare(batches)` runs the frozen model on training batches (no optimizer step, no LR
 step), keeps an incremental PCA of every target layer's inputs (padding, and label -100 tokens
 for causal LMs, masked out) until its leading directions stop moving (cosine >= tau), gives the
 budget r x layers to the components with the largest explained-variance ratio (at most
@@ -138,8 +138,8 @@ class EVAController(Controller):
         return None if mask is None else mask.bool()
 
     @torch.no_grad()
-    def prepare(self, model: nn.Module, batches: Iterable[dict[str, Tensor]] | None = None) -> None:
-        cfg = self.config
+    def prepare(self, batches: Iterable[dict[str, Tensor]]) -> None:
+        cfg, model = self.config, self.model
         batches = list(batches or [])
         if not batches:
             raise ValueError("evalora's prepare needs training batches to compute its initialization")
@@ -224,7 +224,7 @@ class EVAController(Controller):
 
     @staticmethod
     def _allocate(names, owner, pcas, caps, budget) -> dict[str, int]:
-        """The budget goes to the components with the largest explained-variance ratios (spec §I.6)."""
+        """The budget goes to the components with the largest explained-variance ratios."""
         ratio = torch.cat([pcas[owner[n]].ratio[:caps[n]] for n in names])
         layer_of = torch.cat([torch.full((caps[n],), i) for i, n in enumerate(names)])
         chosen = layer_of[torch.sort(ratio, descending=True, stable=True).indices[:budget]]
@@ -256,7 +256,7 @@ class EVAController(Controller):
         if not self.prepared:
             raise RuntimeError(
                 "evalora's prepare step never ran, so this would train a plain LoRA with a meaningless A. Call "
-                "peftlab.controller(model).prepare(model, batches) before building the optimizer (peftlab.Trainer "
+                "peftlab.controller(model).prepare(batches) before building the optimizer (peftlab.Trainer "
                 "and PeftlabCallback do this)")
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,21 +1,23 @@
 """IncreLoRA (Zhang et al. 2023, arXiv:2308.12043): start small and grow the rank of the modules
-whose update matters most, until a global budget is reached. Behaviour follows the official code
-(spec §3), with a pre-allocated rank ceiling instead of new parameters mid-run.
+whose update matters most, until a global budget is reached. Behaviour follows the released
+code, with a pre-allocated rank ceiling instead of new parameters mid-run.
 
     ΔW = B (A ⊙ E) · α / (ranknum + 1e-5)       rows: [active | reserve | unused up to the ceiling]
 
-  * module score: Σ|ΔW ⊙ ∂L/∂ΔW| / √(d_out·d_in), smoothed like AdaLoRA's (Ī·Ū), spec §3.3;
+  * module score: Σ|ΔW ⊙ ∂L/∂ΔW| / √(d_out·d_in), smoothed like AdaLoRA's (Ī·Ū), paper eq. 6-8;
   * every `incre_interval` steps after `init_warmup`, the top-h modules activate their `rank_step`
-    reserve components and draw fresh reserves (§3.4); ranknum grows, so the scale α/ranknum
-    drops for that module, as in the official code (§3.1);
-  * "advance learning": reserves train A and B at a tiny E = 1e-5 before they are activated (§3.2);
-  * a component that joins training warms up its learning rate from zero (§3.7's restarted
-    warm-up), applied here by scaling its update during the first steps;
+    reserve components and draw fresh reserves; ranknum grows, so the scale α/ranknum drops for
+    that module, as in the released code;
+  * "advance learning": reserves train A and B at a tiny E = 1e-5 before they are activated;
+  * a component that joins training trains as a fresh AdamW parameter would (its own moments,
+    step count and bias correction) under its own learning-rate schedule, warm-up then linear
+    decay to the end of the run, as the released code's per-group `Multi_LambdaLR` gives it;
   * rows never change shape, so the optimizer, DDP and checkpoints see fixed tensors.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,18 +26,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import kernels
-from .adalora import SVDLinear, add_penalty_gradient, orthogonality_penalty
-from .base import AdapterConfig, AdapterLayer, Controller, opt
+from .base import AdapterConfig, AdapterLayer, ScheduledController, opt
 from .registry import register
+from .svd import SVDLinear, orthogonality_penalty
 
 RESERVE_E = 1e-5
 
 
 class IncreLoRALinear(SVDLinear):
     def __init__(self, base_layer: nn.Module, config: "IncreLoRAConfig", name: str):
-        ceiling = config.max_rank + config.rank_step
         ranknum = config.rank_pattern.get(name, config.init_r)
-        super().__init__(base_layer, ceiling, config.lora_alpha, ranknum, config.lora_dropout)
+        super().__init__(base_layer, config.max_rank, config.lora_alpha, ranknum, config.lora_dropout)
         reserves = config.reserve_pattern.get(name, 0)
         self.active.zero_()[:ranknum] = True
         self.register_buffer("reserve", torch.zeros_like(self.active), persistent=False)
@@ -64,7 +65,7 @@ class IncreLoRALinear(SVDLinear):
     def branch(self, x: Tensor) -> Tensor:
         if not (self.scoring and torch.is_grad_enabled()):
             return super().branch(x)
-        # the module score needs ∂L/∂ΔW, so while growing ΔW is formed explicitly (spec §3.3); the
+        # the module score needs ∂L/∂ΔW, so while growing ΔW is formed explicitly (paper eq. 6); the
         # gradient lands on a zero probe rather than in a hook, which keeps the layer compilable
         delta = self.delta_weight().to(self.lora_A.dtype) + self.delta_probe   # (d_out, d_in)
         return self.dropout(x.to(delta.dtype)) @ delta.t()
@@ -78,37 +79,32 @@ class IncreLoRALinear(SVDLinear):
             self.score = (delta * grad).abs().sum().float() / math.sqrt(delta.numel())
             self.delta_probe.grad = None
 
-    def peft_state(self) -> dict[str, Tensor]:
-        rows = self.live  # a prefix: active components first, then reserves
-        return {"lora_A": self.lora_A.detach()[rows], "lora_E": self.lora_E.detach()[rows],
-                "lora_B": self.lora_B.detach()[:, rows]}
-
-    @torch.no_grad()
-    def load_peft_state(self, state: dict[str, Tensor]) -> None:
-        rows = self.live
-        self.lora_E.zero_()
-        self.lora_A[rows], self.lora_E[rows], self.lora_B[:, rows] = state["lora_A"], state["lora_E"], state["lora_B"]
+    def saved_rows(self) -> Tensor:
+        return self.live  # a prefix: active components first, then reserves
 
 
-class IncreLoRAController(Controller):
+class IncreLoRAController(ScheduledController):
     def __init__(self, model: nn.Module, config: "IncreLoRAConfig", layers: dict[str, IncreLoRALinear]):
-        super().__init__(model, config, layers)
         n = len(layers)
         self.target_total = config.target_r * n
         self.top_h = config.top_h or max(1, math.ceil(n / 4))
-        rounds = math.ceil(max(0, self.target_total - config.init_r * n) / (self.top_h * config.rank_step))
-        self.init_warmup = config.init_warmup if config.init_warmup is not None else int(0.1 * config.total_step)
-        # by default growth ends at about 60% of training, leaving time to train the final ranks
-        default_interval = max(1, int(0.5 * config.total_step) // max(rounds, 1))
-        self.interval = config.incre_interval or default_interval
-        self.component_warmup = config.component_warmup if config.component_warmup is not None else self.interval
-        rows = config.max_rank + config.rank_step
+        self.rounds = math.ceil(max(0, self.target_total - config.init_r * n) / (self.top_h * config.rank_step))
+        super().__init__(model, config, layers)
+        rows = config.max_rank
         self.ema = {name: torch.zeros(2) for name in layers}                # (Ī, Ū) per module
         self.e_born = {name: torch.full((rows,), -1) for name in layers}    # step each E row joined training
         self.ab_born = {name: torch.full((rows,), -1) for name in layers}   # same for the A, B rows
+        self.started = False  # the first applied step draws the first reserves (a skipped step does not)
         self.completed = sum(layer.rank for layer in layers.values()) >= self.target_total
         self.snapshot: dict[str, dict[str, Tensor]] = {}
         self._set_scoring(not self.completed)
+
+    def plan(self) -> None:
+        cfg = self.config
+        self.init_warmup = cfg.init_warmup if cfg.init_warmup is not None else int(0.1 * cfg.total_step)
+        # by default growth ends at about 60% of training, leaving time to train the final ranks
+        self.interval = cfg.incre_interval or max(1, int(0.5 * cfg.total_step) // max(self.rounds, 1))
+        self.component_warmup = cfg.component_warmup if cfg.component_warmup is not None else self.interval
 
     def _set_scoring(self, on: bool) -> None:
         for layer in self.layers.values():
@@ -117,11 +113,6 @@ class IncreLoRAController(Controller):
     @property
     def total_rank(self) -> int:
         return sum(layer.rank for layer in self.layers.values())
-
-    def expect_total_steps(self, total_steps: int) -> None:
-        if total_steps != self.config.total_step:
-            raise ValueError(f"increlora total_step={self.config.total_step} but training runs {total_steps} "
-                             f"optimizer steps; set total_step={total_steps}")
 
     @torch.no_grad()
     def _add_reserves(self, name: str, count: int, step: int) -> None:
@@ -134,13 +125,23 @@ class IncreLoRAController(Controller):
         layer.lora_E[rows] = RESERVE_E if self.config.advance_learn else 0.0
         layer.reserve[rows] = True
         if self.config.advance_learn:
-            self.ab_born[name][rows.cpu()] = step
+            self._birth(name, rows, ("lora_A", "lora_B"), step)
+
+    def _birth(self, name: str, rows: Tensor, keys: tuple[str, ...], step: int) -> None:
+        """Rows of `keys` join training at `step` as fresh parameters: zero optimizer moments."""
+        layer = self.layers[name]
+        for key in keys:
+            (self.e_born if key == "lora_E" else self.ab_born)[name][rows.cpu()] = step
+            state = self.optimizer.state.get(layer.adapter_parameters()[key], {}) if self.optimizer else {}
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in state:
+                    state[moment].index_fill_(1 if key == "lora_B" else 0, rows, 0.0)
 
     @torch.no_grad()
     def _grow(self, step: int) -> None:
-        """Activate the reserves of the top-h modules by S = Ī·Ū, never past the budget (§3.4).
+        """Activate the reserves of the top-h modules by S = Ī·Ū, never past the budget.
 
-        The official code can overshoot when rank_step > 1 (it caps modules, not ranks); here the
+        The released code can overshoot when rank_step > 1 (it caps modules, not ranks); here the
         last round activates only what the budget has left, so the total ends exactly on target.
         """
         scores = {name: float(ema[0] * ema[1]) for name, ema in self.ema.items()}
@@ -154,9 +155,7 @@ class IncreLoRAController(Controller):
             layer.reserve[grow] = False
             layer.active[grow] = True
             layer.ranknum = float(layer.rank)
-            self.e_born[name][grow.cpu()] = step
-            if not self.config.advance_learn:
-                self.ab_born[name][grow.cpu()] = step
+            self._birth(name, grow, ("lora_E",) if self.config.advance_learn else ("lora_A", "lora_E", "lora_B"), step)
             left -= len(grow)
             self._add_reserves(name, len(grow), step)
         if self.total_rank >= self.target_total:
@@ -171,17 +170,25 @@ class IncreLoRAController(Controller):
         self.completed = True
         self._set_scoring(False)
 
+    def penalty(self, step: int) -> Tensor | float:
+        layers = [l for l in self.layers.values() if l.live.any()]
+        if self.config.orth_reg_weight == 0 or not layers:
+            return 0.0
+        # over every live component, reserves included, as the released code does
+        return self.config.orth_reg_weight * orthogonality_penalty([(l.lora_A[l.live], l.lora_B[:, l.live]) for l in layers])
+
     def before_optimizer_step(self, step: int) -> None:
+        self.check_planned()
+        if self.optimizer is None:
+            raise RuntimeError("increlora gives each new component fresh optimizer moments, so it needs the "
+                               "optimizer: call peftlab.controller(model).bind_optimizer(optimizer) after building "
+                               "it (peftlab.Trainer and PeftlabCallback do this)")
         cfg = self.config
-        if step == 0 and not self.completed:
-            for name in self.layers:
-                self._add_reserves(name, cfg.rank_step, step)
-        if cfg.orth_reg_weight > 0:  # over every live component, reserves included (§3.6)
-            layers = [l for l in self.layers.values() if l.live.any()]
-            with torch.enable_grad():
-                penalty = cfg.orth_reg_weight * orthogonality_penalty(
-                    [(l.lora_A[l.live], l.lora_B[:, l.live]) for l in layers])
-            add_penalty_gradient(penalty, [p for l in layers for p in (l.lora_A, l.lora_B)])
+        if not self.started:
+            self.started = True
+            if not self.completed:
+                for name in self.layers:
+                    self._add_reserves(name, cfg.rank_step, step)
         if not self.completed:
             for layer in self.layers.values():
                 layer.update_score()
@@ -195,7 +202,7 @@ class IncreLoRAController(Controller):
             if step > self.init_warmup and step % self.interval == 0:
                 self._grow(step)
         for name, layer in self.layers.items():
-            # only rows in training move; a row that joined at this step starts at the next (§3.4)
+            # only rows in training move; a row that joined at this step starts at the next
             device = layer.active.device
             train_ab = (layer.active | (layer.reserve & cfg.advance_learn)) & (self.ab_born[name] != step).to(device)
             train_e = layer.active & (self.e_born[name] != step).to(device)
@@ -205,34 +212,69 @@ class IncreLoRAController(Controller):
             if layer.lora_B.grad is not None:
                 layer.lora_B.grad[:, ~train_ab] = 0
         self.snapshot = {name: {k: p.detach().clone() for k, p in layer.adapter_parameters().items()}
-                         for name, layer in self.layers.items() if self._warming_up(name, step)}
+                         for name, layer in self.layers.items() if self._has_young_rows(name)}
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         for name, layer in self.layers.items():
             before = self.snapshot.get(name)
-            if before is not None:  # restarted warm-up: young rows take a fraction of their update
+            if before is not None:
                 for key, born in (("lora_A", self.ab_born[name]), ("lora_E", self.e_born[name]),
                                   ("lora_B", self.ab_born[name])):
-                    factor = self._warmup_factor(born, step).to(layer.lora_A.device)
-                    p, old = layer.adapter_parameters()[key], before[key]
-                    f = factor[None, :] if key == "lora_B" else factor[:, None]
-                    p.copy_(old + f * (p - old))
+                    self._fresh_update(layer.adapter_parameters()[key], before[key], born, step, key == "lora_B")
             layer.lora_E[layer.reserve] = RESERVE_E if self.config.advance_learn else 0.0
             layer.lora_E[~layer.live] = 0.0
         self.snapshot = {}
 
-    def _warming_up(self, name: str, step: int) -> bool:
-        return any(((born >= 0) & (step - born < self.component_warmup)).any()
-                   for born in (self.e_born[name], self.ab_born[name]))
+    def _has_young_rows(self, name: str) -> bool:
+        return any((born >= 0).any() for born in (self.e_born[name], self.ab_born[name]))
 
-    def _warmup_factor(self, born: Tensor, step: int) -> Tensor:
-        age = (step - born).float()
-        factor = ((age + 1) / (self.component_warmup + 1)).clamp(max=1.0)
-        return torch.where((born < 0) | (age >= self.component_warmup), torch.ones_like(factor), factor)
+    def component_lr_factor(self, age: Tensor, born: Tensor) -> Tensor:
+        """The released code's per-group schedule: linear warm-up over `component_warmup` steps, then
+        linear decay to 0 at the end of training; `age` counts the component's applied steps from 1."""
+        warmup = self.component_warmup
+        remaining = (self.config.total_step - born).float()
+        up = age / max(warmup, 1)
+        down = ((remaining - age) / (remaining - warmup).clamp_min(1)).clamp_min(0)
+        return torch.where(age < warmup, up, down).clamp(0, 1)
+
+    def _fresh_update(self, p: Tensor, old: Tensor, born: Tensor, step: int, columns: bool) -> None:
+        """Redo this step's AdamW update of the rows born before `step` with their own step count
+        (bias correction) and learning-rate schedule, as a parameter group created at birth gets."""
+        rows = torch.nonzero((born >= 0) & (born < step))[:, 0]  # a row born at `step` starts at the next
+        if not len(rows):
+            return
+        group = next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
+        state = self.optimizer.state.get(p, {})
+        if "exp_avg" not in state or group.get("amsgrad") or "betas" not in group:
+            self._warn_unsupported()
+            return
+        age = (step - born[rows]).float().to(p.device)                     # 1 on the component's first step
+        lr = group.get("initial_lr", group["lr"]) * self.component_lr_factor(age, born[rows].to(p.device))
+        rows = rows.to(p.device)
+        m, v, w = (t[:, rows].t() if columns else t[rows] for t in (state["exp_avg"], state["exp_avg_sq"], old))
+        shape = (-1,) + (1,) * (m.dim() - 1)
+        beta1, beta2 = group["betas"]
+        correction1, correction2 = 1 - beta1 ** age.view(shape), 1 - beta2 ** age.view(shape)
+        lr = lr.view(shape)
+        # torch.optim.AdamW's update, with the component's own step count
+        new = w * (1 - lr * group["weight_decay"]) - lr / correction1 * m / (v.sqrt() / correction2.sqrt() + group["eps"])
+        if columns:
+            p[:, rows] = new.t().to(p.dtype)
+        else:
+            p[rows] = new.to(p.dtype)
+
+    _warned = False
+
+    def _warn_unsupported(self) -> None:
+        if not IncreLoRAController._warned:
+            IncreLoRAController._warned = True
+            warnings.warn("increlora gives new components their own AdamW moments and schedule only under "
+                          "torch.optim.AdamW (without amsgrad); with this optimizer they share the tensor's",
+                          stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"completed": torch.tensor(self.completed)}
+        state: dict[str, Any] = {"completed": torch.tensor(self.completed), "started": torch.tensor(self.started)}
         for name, layer in self.layers.items():
             state.update({f"ema.{name}": self.ema[name].clone(), f"e_born.{name}": self.e_born[name].clone(),
                           f"ab_born.{name}": self.ab_born[name].clone(), f"active.{name}": layer.active.clone(),
@@ -249,12 +291,14 @@ class IncreLoRAController(Controller):
             layer.reserve.copy_(state[f"reserve.{name}"])
             layer.score = state[f"score.{name}"].clone()
             layer.ranknum = float(layer.rank)
-        self.completed = bool(state["completed"])
+        self.completed, self.started = bool(state["completed"]), bool(state["started"])
         self._set_scoring(not self.completed)
 
     def report(self) -> dict[str, Any]:
         ranks = {name: layer.rank for name, layer in self.layers.items()}
-        return {"budget": sum(ranks.values()), "target_budget": self.target_total, "ranks": ranks}
+        ceiling = [name for name, rank in ranks.items() if rank >= self.config.max_rank]
+        return {"budget": sum(ranks.values()), "target_budget": self.target_total, "ranks": ranks,
+                "at_ceiling": ceiling}
 
 
 @register("increlora", layer=IncreLoRALinear, controller=IncreLoRAController, peft_type="PEFTLAB_INCRELORA")
@@ -262,14 +306,16 @@ class IncreLoRAController(Controller):
 class IncreLoRAConfig(AdapterConfig):
     """IncreLoRA, Zhang et al. 2023 (arXiv:2308.12043): importance-driven rank growth."""
 
-    total_step: int | None = opt(None, "optimizer steps of the whole run (required: growth is laid out over it)")
+    total_step: int | None = opt(None, "optimizer steps of the whole run, over which growth is laid out; "
+                                       "None: the trainer fills in the run's length")
     init_r: int = opt(2, "rank every module starts with")
     target_r: int = opt(8, "average rank the global budget grows to (total = target_r x modules)")
     rank_step: int | None = opt(None, "components a module gains per growth (incre_rank_num); default target_r // 2")
     top_h: int | None = opt(None, "modules that grow per round; default a quarter of the modules")
     init_warmup: int | None = opt(None, "steps before the first growth; default 10% of total_step")
     incre_interval: int | None = opt(None, "steps between growth rounds; default: growth ends near 60% of training")
-    max_rank: int | None = opt(None, "rank ceiling of a module (pre-allocated); default 3 x target_r")
+    max_rank: int | None = opt(None, "rank ceiling of a module (pre-allocated); default: the most a module can "
+                                     "reach with a quarter of the modules growing per round, so it never binds")
     component_warmup: int | None = opt(None, "learning-rate warm-up steps of a new component; default incre_interval")
     advance_learn: bool = opt(True, "train reserve components (at E = 1e-5) before they are activated")
     orth_reg_weight: float = opt(0.1, "γ of the orthogonality regularizer over active and reserve components")
@@ -283,11 +329,13 @@ class IncreLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.total_step is None or self.total_step < 1:
-            raise ValueError(f"increlora needs total_step, the number of optimizer steps of the run (got {self.total_step!r})")
+        if self.total_step is not None and self.total_step < 1:
+            raise ValueError(f"increlora total_step must be >= 1, got {self.total_step!r}")
         rank_step = self.rank_step or max(1, self.target_r // 2)
         object.__setattr__(self, "rank_step", rank_step)
-        object.__setattr__(self, "max_rank", self.max_rank or 3 * self.target_r)
+        # top_h >= n/4 means at most ceil(4(target - init) / rank_step) rounds per module
+        never_binds = self.init_r + rank_step * math.ceil(4 * (self.target_r - self.init_r) / rank_step)
+        object.__setattr__(self, "max_rank", self.max_rank or never_binds)
         if not 1 <= self.init_r <= self.target_r <= self.max_rank:
             raise ValueError(f"increlora needs 1 <= init_r={self.init_r} <= target_r={self.target_r} "
                              f"<= max_rank={self.max_rank}")
@@ -298,6 +346,13 @@ class IncreLoRAConfig(AdapterConfig):
             raise ValueError("increlora needs rank_step >= 1, beta1 and beta2 in (0, 1), orth_reg_weight >= 0")
         if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError("increlora needs lora_alpha > 0 and lora_dropout in [0, 1)")
+
+    @classmethod
+    def sized(cls, size: int) -> dict[str, Any]:
+        return {"target_r": size, "init_r": max(1, size // 2)}
+
+    def final_parameter_count(self, shapes: list[tuple[int, int]]) -> int:
+        return sum(self.target_r * (d_out + d_in + 1) for d_out, d_in in shapes)
 
     def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
         fields = super().peft_fields(layers)

@@ -28,11 +28,15 @@ class AdapterState:
     """What peftlab attaches to a wrapped model (as `model.peftlab`)."""
 
     method: Method
-    config: AdapterConfig
     controller: Controller
     layers: dict[str, AdapterLayer]
     modules_to_save: list[str]
     originals: dict[str, nn.Module] = field(repr=False)  # modules_to_save as they were before wrap
+
+    @property
+    def config(self) -> AdapterConfig:
+        """The config as the controller holds it (a scheduled method's total_step filled in)."""
+        return self.controller.config
 
 
 def matches(patterns: str | tuple[str, ...], name: str) -> bool:
@@ -94,6 +98,13 @@ def find_targets(model: nn.Module, config: AdapterConfig, layer: type[AdapterLay
     return targets
 
 
+def target_shapes(model: nn.Module, method: str) -> list[tuple[int, int]]:
+    """(d_out, d_in) of every module `method`'s default config would adapt in `model`."""
+    config = get_config(method, modules_to_save=())
+    modules = dict(model.named_modules())
+    return [quant.base_shape(modules[name])[::-1] for name in find_targets(model, config, method_of(config).layer)]
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -146,7 +157,7 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
     originals = {name: modules[name] for name in saved}
     for name in saved:
         _set_module(model, name, copy.deepcopy(modules[name]).requires_grad_(True))
-    model.peftlab = AdapterState(method, config, method.controller(model, config, layers), layers, saved, originals)
+    model.peftlab = AdapterState(method, method.controller(model, config, layers), layers, saved, originals)
     return model
 
 
@@ -162,7 +173,7 @@ def state_of(model: nn.Module) -> AdapterState:
 
 
 def controller(model: nn.Module) -> Controller:
-    """The wrapped model's controller, for hand-written loops (DESIGN.md, "The adapter lifecycle")."""
+    """The wrapped model's controller, for hand-written loops (README, "Python API")."""
     return state_of(model).controller
 
 

@@ -3,7 +3,7 @@
     y = base(x) + s · (drop(x) Aᵀ) Bᵀ,   A: (r, d_in), B: (d_out, r),   s = α/r  (α/√r with rsLoRA)
 
 A starts as nn.Linear's default (kaiming-uniform, a=√5), B at zero, so the wrapped model equals
-the base at step 0 while B still gets a gradient (spec §1.2).
+the base at step 0 while B still gets a gradient (paper §4.1).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class LoRALinear(LowRankLayer):
 @register("lora", layer=LoRALinear, peft_type="LORA")
 @dataclass(frozen=True, kw_only=True)
 class LoRAConfig(AdapterConfig):
-    """LoRA, Hu et al. 2021 (arXiv:2106.09685), §4.1; defaults follow common practice (spec §1.6)."""
+    """LoRA, Hu et al. 2021 (arXiv:2106.09685), §4.1; defaults follow common practice (r=8, α=16)."""
 
     r: int = opt(8, "rank of the update")
     lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)")

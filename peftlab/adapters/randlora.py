@@ -1,5 +1,5 @@
 """RandLoRA (Albert et al., ICLR 2025, arXiv:2502.00987): a full-rank update from fixed random
-bases, of which only two diagonal scalings are trained (spec: evalora-randlora.md, part II).
+bases, of which only two diagonal scalings are trained.
 
     ΔW_(D×d) = s · B̃ Ã,   Ã[k·n+b, j] = λ[k,b] · A[k,j] · γ[b,j],   B̃[:, b·r+k] = B[:, b, k]
     d = min(d_in, d_out), D = max(d_in, d_out), n = ⌈d/r⌉ bases, s = α / r   (PEFT's conventions)
@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterConfig, AdapterLayer, Controller, FoldedLayer, opt
+from .base import PEFT_PREFIX, AdapterConfig, AdapterLayer, Controller, FoldedLayer, opt
 from .registry import register
 
 
@@ -55,7 +54,7 @@ class RandomBases(nn.Module):
 
 
 class ScaleBases(torch.autograd.Function):
-    """Ã = λ[:, :, None] · A · γ[None]: saves only A (a view of the shared buffer), λ and γ (spec §II.7)."""
+    """Ã = λ[:, :, None] · A · γ[None]: saves only A (a view of the shared buffer), λ and γ ."""
 
     @staticmethod
     def forward(ctx, a: Tensor, lam: Tensor, gam: Tensor) -> Tensor:
@@ -117,13 +116,6 @@ class RandLoRALinear(FoldedLayer):
         return ((grad_small * a * gam[None]).sum(2).to(lam.dtype),
                 (grad_small * a * lam[:, :, None]).sum(0).to(gam.dtype))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.merged or not self.enabled:
-            return self.base_layer(x)
-        if self.dropout is None:
-            return self.folded(x, self.randlora_lambda, self.randlora_gamma)
-        return AdapterLayer.forward(self, x)
-
     def branch(self, x: Tensor) -> Tensor:
         h = x.to(self.randlora_lambda.dtype)
         if self.dropout is not None:
@@ -162,7 +154,7 @@ class RandLoRAController(Controller):
             raise ValueError(
                 f"the regenerated random bases do not match the saved checksum ({self.bases.checksum()} vs "
                 f"{config.bases_checksum}); this torch version draws different numbers from the seed. Load the "
-                "adapter with the torch version that trained it, or export it there with export_peft_randlora")
+                "adapter with the torch version that trained it, or export it there with peftlab.io.export_peft")
         for layer in layers.values():
             layer.bases = self.bases
 
@@ -190,35 +182,38 @@ class RandLoRAConfig(AdapterConfig):
         fields["bases_checksum"] = next(iter(layers.values())).bases.checksum()
         return fields
 
+    def final_parameter_count(self, shapes: list[tuple[int, int]]) -> int:
+        count = 0
+        for d_out, d_in in shapes:
+            d = min(d_out, d_in)
+            n = math.ceil(d / self.r)
+            count += self.r * n + n * d  # λ (r, n) and γ (n, d)
+        return count
 
-def export_peft_randlora(model: nn.Module, output_dir: str | Path) -> Path:
-    """Write the adapter in PEFT's own RANDLORA format (bases included, save_projection=True), which
-    `peft.PeftModel.from_pretrained` loads with identical outputs. The file is as large as PEFT's
-    own (one copy of the bases per layer); peftlab's native save holds only λ and γ. PEFT sizes its bases by the
-    elementwise maximum of the layers' (out, in); ours (the spec's smaller sizing) are zero-padded
-    into that shape, which no layer's slice reaches."""
-    from ..adapters.inject import state_of
-    from ..io import PREFIX, write_adapter_files
+    def peft_native(self, layers: dict[str, AdapterLayer]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """PEFT's own RANDLORA format, bases included (save_projection=True). PEFT sizes its bases by
+        the elementwise maximum of the layers' (out, in); ours (sized by min/max dimension, which
+        needs less memory) are zero-padded into that shape, which no layer's slice reaches."""
+        if not all(type(l.base_layer) is nn.Linear for l in layers.values()):
+            raise ValueError("PEFT's RandLoRA format covers nn.Linear layers only; export this adapter as a "
+                             "LoRA instead (peftlab export --as lora --rank N)")
+        out_max = max(l.out_features for l in layers.values())
+        in_max = max(l.in_features for l in layers.values())
+        d_small, d_large = min(out_max, in_max), max(out_max, in_max)
+        bases = next(iter(layers.values())).bases
+        a = torch.zeros(self.r, 1, d_small)
+        a[:, :, :bases.d_small] = bases.A.cpu()
+        b = torch.zeros(d_large, math.ceil(d_small / self.r), self.r)
+        b[:bases.d_large, :bases.count] = bases.B.cpu()
+        tensors = {"base_model.randlora_A": a, "base_model.randlora_B": b}  # PEFT's model-level copy
+        for name, layer in layers.items():
+            prefix = f"{PEFT_PREFIX}{name}."
+            tensors.update({prefix + k: v.cpu() for k, v in layer.peft_state().items()})
+            # PEFT 0.21 also expects each layer's alias of the bases (safetensors wants separate storage)
+            tensors[prefix + "randlora_A"], tensors[prefix + "randlora_B"] = a.clone(), b.clone()
+        config = {"peft_type": "RANDLORA", "r": self.r, "randlora_alpha": self.randlora_alpha,
+                  "randlora_dropout": self.randlora_dropout, "projection_prng_key": self.projection_prng_key,
+                  "save_projection": True, "target_modules": list(layers), "bias": "none", "init_weights": True}
+        return tensors, config
 
-    state = state_of(model)
-    layers, config = state.layers, state.config
-    out_max = max(l.out_features for l in layers.values())
-    in_max = max(l.in_features for l in layers.values())
-    d_small, d_large = min(out_max, in_max), max(out_max, in_max)
-    bases = next(iter(layers.values())).bases
-    a = torch.zeros(config.r, 1, d_small)
-    a[:, :, :bases.d_small] = bases.A.cpu()
-    b = torch.zeros(d_large, math.ceil(d_small / config.r), config.r)
-    b[:bases.d_large, :bases.count] = bases.B.cpu()
-    if not all(type(l.base_layer) is nn.Linear for l in layers.values()):
-        raise ValueError("PEFT's RandLoRA format covers nn.Linear layers only; export this adapter with "
-                         "peftlab.io.export_lora(model, dir, rank=...) instead")
-    tensors = {"base_model.randlora_A": a, "base_model.randlora_B": b}  # PEFT's model-level copy
-    for name, layer in layers.items():
-        tensors.update({f"{PREFIX}{name}.{k}": v.cpu() for k, v in layer.peft_state().items()})
-        # PEFT 0.21 also expects each layer's alias of the bases (safetensors wants separate storage)
-        tensors[f"{PREFIX}{name}.randlora_A"], tensors[f"{PREFIX}{name}.randlora_B"] = a.clone(), b.clone()
-    peft_config = {"peft_type": "RANDLORA", "r": config.r, "randlora_alpha": config.randlora_alpha,
-                   "randlora_dropout": config.randlora_dropout, "projection_prng_key": config.projection_prng_key,
-                   "save_projection": True, "target_modules": list(layers), "bias": "none", "init_weights": True}
-    return write_adapter_files(model, output_dir, tensors, peft_config, {"method": "randlora", "exported_as": "peft"})
+

@@ -7,11 +7,12 @@
 
 The trainable state is `values` (one entry per selected weight) plus their indices: no dense
 mask, and no dense gradient outlives the backward of its layer. The dense W_eff is rebuilt in
-backward rather than kept. Spec: specs/allora-sara.md, part B (whose official-code bugs B12 are
-not reproduced: the rank loss acts, values are written signed).
+backward rather than kept. Two slips of the released code are not reproduced: its rank loss
+never reaches the optimizer, and it writes |values| back unsigned.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import quant
-from .base import AdapterConfig, AdapterLayer, Controller, FoldedLayer, opt
+from .base import AdapterConfig, AdapterLayer, FoldedLayer, ScheduledController, opt
 from .registry import register
 
 RANK_MIN_DIM, RANK_MIN_NNZ = 64, 100  # the official eligibility for the nuclear-norm loss
@@ -69,7 +70,7 @@ class SaRALayer(FoldedLayer):
 
     @torch.no_grad()
     def reselect(self) -> int:
-        """Progressive adjustment (§B6): entries that grew past θ freeze at their trained values."""
+        """Progressive adjustment (paper §3.3): entries that grew past θ freeze at their trained values."""
         current = self.effective_values()
         self.frozen |= current.abs() >= self.threshold
         self.frozen_values = current.clone()
@@ -80,11 +81,6 @@ class SaRALayer(FoldedLayer):
         return torch.where(self.frozen, self.frozen_values, values) if len(self.frozen_values) else values
 
     # --- the adapter contract ---
-    def forward(self, x: Tensor) -> Tensor:
-        if self.merged or not self.enabled:
-            return self.base_layer(x)
-        return self.folded(x, self.values)
-
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"values": self.values}
 
@@ -127,7 +123,7 @@ def global_threshold(layers: list[SaRALayer], fraction: float) -> float:
     return high
 
 
-class SaRAController(Controller):
+class SaRAController(ScheduledController):
     def __init__(self, model: nn.Module, config: "SaRAConfig", layers: dict[str, SaRALayer]):
         super().__init__(model, config, layers)
         if not config.selected_counts:  # a fresh wrap: choose the entries (a loaded adapter brings its own)
@@ -136,49 +132,47 @@ class SaRAController(Controller):
                 threshold = global_threshold(list(layers.values()), config.target_fraction)
             for layer in layers.values():
                 layer.select(threshold)
-        self.progressive_step = config.progressive_step or config.total_step // 2
         self.reselected = False
         self.nuclear_norm = 0.0
 
-    def expect_total_steps(self, total_steps: int) -> None:
-        if total_steps != self.config.total_step:
-            raise ValueError(f"sara total_step={self.config.total_step} but training runs {total_steps} optimizer "
-                             f"steps; set total_step={total_steps} (re-selection happens at half of it)")
+    def plan(self) -> None:
+        self.progressive_step = self.config.progressive_step or self.config.total_step // 2
 
     def eligible(self) -> list[str]:
         return [name for name, layer in self.layers.items()
                 if len(layer.weight_shape) == 2 and min(layer.weight_shape) > RANK_MIN_DIM
                 and int((~layer.frozen).sum()) > RANK_MIN_NNZ]
 
-    @torch.no_grad()
+    def penalty(self, step: int) -> Tensor | float:
+        """λ‖W ⊙ M‖_* of one eligible matrix (its trained, unfrozen entries), paper eq. 5; one matrix
+        per step as the released code, drawn from the step number so every process agrees."""
+        candidates = self.eligible()
+        if self.config.lambda_rank <= 0 or not candidates:
+            return 0.0
+        pick = int(torch.randint(len(candidates), (1,), generator=torch.Generator().manual_seed(step)))
+        layer = self.layers[candidates[pick]]
+        live = ~layer.frozen
+        matrix = torch.zeros(layer.weight_shape.numel(), device=layer.idx.device, dtype=layer.values.dtype)
+        matrix = matrix.index_put((layer.idx[live],), layer.values[live]).view(layer.weight_shape)
+        norm = torch.linalg.matrix_norm(matrix.float(), "nuc")  # its gradient is U Vᵀ at the entries
+        self.nuclear_norm = float(norm.detach())
+        return self.config.lambda_rank * norm
+
     def before_optimizer_step(self, step: int) -> None:
-        if step == 0 and not self.reselected and self.optimizer is None:
+        self.check_planned()
+        if self.optimizer is None and not self.reselected:
             raise RuntimeError(
                 "sara's progressive re-selection resets the optimizer state of the re-selected entries, so it "
                 "needs the optimizer: call peftlab.controller(model).bind_optimizer(optimizer) after building it "
                 "(peftlab.Trainer and PeftlabCallback do this)")
-        candidates = self.eligible()
-        if self.config.lambda_rank <= 0 or not candidates:
-            return
-        # one matrix per step, as the official code; drawn from the step number so every process agrees
-        pick = int(torch.randint(len(candidates), (1,), generator=torch.Generator().manual_seed(step)))
-        layer = self.layers[candidates[pick]]
-        live = ~layer.frozen
-        matrix = torch.zeros(layer.weight_shape, device=layer.idx.device)
-        matrix.view(-1)[layer.idx[live]] = layer.values.detach()[live].float()
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        grad = self.config.lambda_rank * (u @ vh).reshape(-1)[layer.idx]   # subgradient of λ‖X‖_* (§B5)
-        grad[layer.frozen] = 0
-        layer.values.grad = grad.to(layer.values.dtype) if layer.values.grad is None else layer.values.grad + grad
-        self.nuclear_norm = float(s.sum())
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        if self.reselected or step + 1 != self.progressive_step:
+        if self.reselected or step + 1 < self.progressive_step:  # a skipped step must not skip it
             return
         for layer in self.layers.values():
             layer.reselect()
-            self.optimizer.state.pop(layer.values, None)  # fresh moments and bias correction (§B6)
+            self.optimizer.state.pop(layer.values, None)  # fresh moments and bias correction
         self.reselected = True
 
     def state_dict(self) -> dict[str, Any]:
@@ -208,7 +202,8 @@ class SaRAController(Controller):
 class SaRAConfig(AdapterConfig):
     """SaRA, Hu et al. 2025 (arXiv:2409.06633): sparse fine-tuning of the smallest base weights."""
 
-    total_step: int | None = opt(None, "optimizer steps of the whole run (required: re-selection is at half of it)")
+    total_step: int | None = opt(None, "optimizer steps of the whole run (re-selection is at half of it); "
+                                       "None: the trainer fills in the run's length")
     target_fraction: float | None = opt(0.05, "fraction of the targeted weights to train (global over layers)")
     threshold: float | None = opt(None, "train every weight with |w| < threshold instead (the paper's rule)")
     progressive_step: int | None = opt(None, "optimizer steps before the progressive re-selection; default half")
@@ -217,7 +212,7 @@ class SaRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.total_step is None or self.total_step < 2:
+        if self.total_step is not None and self.total_step < 2:
             raise ValueError(f"sara needs total_step >= 2, the optimizer steps of the run (got {self.total_step!r})")
         if self.threshold is not None:
             object.__setattr__(self, "target_fraction", None)  # an explicit threshold is the rule
@@ -225,10 +220,17 @@ class SaRAConfig(AdapterConfig):
                 raise ValueError(f"sara threshold must be > 0, got {self.threshold!r}")
         elif self.target_fraction is None or not 0 < self.target_fraction < 1:
             raise ValueError(f"sara target_fraction must be in (0, 1), got {self.target_fraction!r}")
-        if self.progressive_step is not None and not 1 <= self.progressive_step < self.total_step:
+        if self.progressive_step is not None and not 1 <= self.progressive_step < (self.total_step or math.inf):
             raise ValueError(f"sara progressive_step={self.progressive_step} must be in [1, total_step={self.total_step})")
         if self.lambda_rank < 0:
             raise ValueError(f"sara lambda_rank must be >= 0, got {self.lambda_rank!r}")
+
+    @classmethod
+    def for_budget(cls, shapes: list[tuple[int, int]], budget: int) -> dict[str, Any]:
+        return {"target_fraction": round(budget / sum(d_out * d_in for d_out, d_in in shapes), 6)}
+
+    def final_parameter_count(self, shapes: list[tuple[int, int]]) -> int:
+        return int(self.target_fraction * sum(d_out * d_in for d_out, d_in in shapes))
 
     def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
         fields = super().peft_fields(layers)

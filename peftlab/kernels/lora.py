@@ -8,7 +8,7 @@ Forward makes one stacked product drop(x) [A_1; A_2; ...]ᵀ, then each base out
 term accumulated in place (no separate adapter output, no add). Backward keeps only what it needs:
 x (already alive: it is the previous layer's output), the dropout keep-mask as one byte per
 element instead of a dropped float copy, the small (tokens, Σr) product, and the factors. A 4-bit
-base is dequantized again in backward rather than kept (kernels-qlora spec §1.3).
+base is dequantized again in backward rather than kept (QLoRA, arXiv:2305.14314, stores only the 4-bit weight).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The dropout keep-mask is never stored: each kernel regenerates it from a seed and the element's
 position in x with Philox (`tl.rand`), so forward and backward see the same mask and backward
-keeps x, the (T, r) product u and a seed (LoRAFusion's seeded dropout, kernels-qlora spec §7.1).
+keeps x, the (T, r) product u and a seed (LoRAFusion's seeded dropout, arXiv:2510.00206).
 One generic tiled matmul covers the three adapter products:
 
     u      = (x ⊙ m) Aᵀ · 1/(1-p)              mask on the left operand
