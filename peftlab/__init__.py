@@ -5,7 +5,13 @@
     print(peftlab.trainable_summary(model))
     peftlab.save_adapter(model, "out/")
 """
-from .adapters import (
+import logging
+
+# bitsandbytes warns at import on AVX512-BF16 CPUs that an optional fast 4-bit kernel package is
+# missing; peftlab runs 4-bit bases through the exact dequantize path anyway (quant.keep_exact_cpu_path)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from .adapters import (  # noqa: E402
     AdapterConfig,
     AdapterLayer,
     Controller,

@@ -1,9 +1,9 @@
 """Batches for training: a padding collator and a deterministic, resumable batch order."""
 from __future__ import annotations
 
-import csv
 import json
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -120,46 +120,65 @@ def sentiment_dataset(n: int, seed: int) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- files and hub datasets
 def read_records(source: str) -> list[dict[str, Any]]:
-    """Rows of a local jsonl / json / csv / parquet file, or the train split of a Hugging Face dataset."""
+    """Rows of a local jsonl / json / csv / parquet file (read by `datasets`, so CSV columns are typed
+    and a UTF-8 BOM is fine), or the train split of a Hugging Face dataset."""
+    import datasets
+
     path = Path(source)
     if not path.exists():
-        if path.suffix in (".jsonl", ".json", ".csv", ".parquet") or "/" not in source and "." in source:
+        if path.suffix in READERS or "/" not in source and "." in source:
             raise FileNotFoundError(f"dataset file {source} does not exist")
         try:
-            import datasets
-
             return list(datasets.load_dataset(source, split="train"))
         except Exception as e:  # offline, unknown name, gated, ...
             raise ValueError(f"could not load the Hugging Face dataset {source!r} ({type(e).__name__}: {e}); "
                              "pass a local .jsonl/.json/.csv/.parquet file instead") from None
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass a .jsonl/.json/.csv/.parquet file")
+    if path.suffix not in READERS:
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} holds no examples")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     try:
-        if path.suffix == ".jsonl":
-            rows = []
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text())
-            rows = data.get("data", data) if isinstance(data, dict) else data
-        elif path.suffix == ".csv":
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-        else:
-            raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
-        raise ValueError(f"{path} could not be read ({type(e).__name__}: {e})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path} must hold a list of objects (one per example)")
+        with tempfile.TemporaryDirectory() as cache:  # nothing left behind in the user's HF cache
+            table = getattr(datasets.Dataset, READERS[path.suffix])(str(path), cache_dir=cache, keep_in_memory=True)
+            rows = table.to_list()
+    except Exception as e:
+        if path.suffix in (".jsonl", ".json"):
+            _locate_json_error(path)
+        raise ValueError(f"{path} could not be read ({type(e.__cause__ or e).__name__}: {e.__cause__ or e})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        datasets.enable_progress_bars()
     if not rows:
         raise ValueError(f"{path} holds no examples")
     return rows
+
+
+READERS = {".jsonl": "from_json", ".json": "from_json", ".csv": "from_csv", ".parquet": "from_parquet"}
+
+
+def _locate_json_error(path: Path) -> None:
+    """Name the line a JSON-lines file breaks at (the Arrow reader says only that it broke)."""
+    if path.suffix != ".jsonl":
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+            raise ValueError(f"{path} must hold a list of objects (one per example)")
+        return
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: each line must be a JSON object, got {type(row).__name__}")
 
 
 def _column(row: dict[str, Any], column: str, source: str, number: int) -> Any:
@@ -168,25 +187,45 @@ def _column(row: dict[str, Any], column: str, source: str, number: int) -> Any:
     return row[column]
 
 
+def _text(row: dict[str, Any], column: str, source: str, number: int) -> str:
+    value = _column(row, column, source, number)
+    if isinstance(value, (dict, list, bool)):
+        raise ValueError(f"{source}, row {number}: column {column!r} holds a {type(value).__name__}, not text; "
+                         "name the text column with text_column=")
+    return str(value)
+
+
 def classification_features(rows: list[dict[str, Any]], tokenizer, source: str, num_labels: int,
                             max_length: int, text_column: str = "text", pair_column: str | None = None,
                             label_column: str = "label") -> list[dict[str, Any]]:
     """Tokenized (text[, pair], label) examples; labels must be integers in [0, num_labels)."""
     features = []
     for number, row in enumerate(rows, 1):
-        text = _column(row, text_column, source, number)
-        pair = _column(row, pair_column, source, number) if pair_column else None
-        label = _column(row, label_column, source, number)
-        try:
-            label = int(label)
-        except (TypeError, ValueError):
-            raise ValueError(f"{source}, row {number}: label {label!r} in column {label_column!r} is not an integer") from None
+        text = _text(row, text_column, source, number)
+        pair = _text(row, pair_column, source, number) if pair_column else None
+        label = _integer_label(_column(row, label_column, source, number))
+        if label is None:
+            raise ValueError(f"{source}, row {number}: label {_column(row, label_column, source, number)!r} in column "
+                             f"{label_column!r} is not an integer class id (0 .. num_labels-1)")
         if not 0 <= label < num_labels:
             raise ValueError(f"{source}, row {number}: label {label} in column {label_column!r} is out of range "
                              f"[0, {num_labels}); set num_labels=")
-        encoded = tokenizer(str(text), None if pair is None else str(pair), truncation=True, max_length=max_length)
+        encoded = tokenizer(text, pair, truncation=True, max_length=max_length)
         features.append({**{k: torch.tensor(v) for k, v in encoded.items()}, "labels": torch.tensor(label)})
     return features
+
+
+def _integer_label(value: Any) -> int | None:
+    """An integer class id from 1, 1.0 or "1"; None for 0.95, "yes", True and the like."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
 
 
 def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_length: int,
@@ -198,7 +237,7 @@ def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_l
     features = []
     for number, row in enumerate(rows, 1):
         if "prompt" in row or "response" in row:
-            prompt, response = (str(_column(row, c, source, number)) for c in ("prompt", "response"))
+            prompt, response = (_text(row, c, source, number) for c in ("prompt", "response"))
             if getattr(tokenizer, "chat_template", None):
                 messages = [{"role": "user", "content": prompt}]
                 head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -209,7 +248,7 @@ def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_l
                 full = head + tokenizer(response, add_special_tokens=False)["input_ids"] + eos
             labels = [-100] * len(head) + full[len(head):]
         else:
-            full = tokenizer(str(_column(row, "text", source, number)))["input_ids"] + eos
+            full = tokenizer(_text(row, "text", source, number))["input_ids"] + eos
             labels = list(full)
         limit = None if packing else max_length  # packed examples are cut into blocks below, not truncated
         features.append({"input_ids": full[:limit], "labels": labels[:limit]})

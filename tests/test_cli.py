@@ -9,8 +9,16 @@ import yaml
 import peftlab
 from peftlab.cli import main
 from peftlab.data import sentiment_dataset
+from peftlab.run import load_base, read_record
 
-METHODS = ["lora", "adalora", "increlora", "evalora", "randlora", "allora", "sara"]
+from cases import CASES
+
+METHODS = list(CASES)
+
+
+def base_of(run_dir):
+    """The base model a run directory names, loaded as it was trained."""
+    return load_base(read_record(run_dir).config.model)
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +54,16 @@ def test_train_each_method_end_to_end(method, tiny_bert, reviews, tmp_path, caps
                "max_steps=6", "per_device_train_batch_size=8", "logging_steps=2", "eval_steps=0", "disable_tqdm=true")
     assert code == 0, capsys.readouterr().err
     files = {p.name for p in out.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "summary.json",
-            "run.yaml"} <= files
-    if method in ("adalora", "increlora", "evalora"):
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "run.json"} <= files
+    if "ranks" in peftlab.controller(peftlab.load_adapter(base_of(out), out)).report():
         assert "ranks.png" in files
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["step"] == 6 and 0 <= summary["eval_accuracy"] <= 1
+    record = read_record(out)
+    assert record.result["step"] == 6 and 0 <= record.result["eval_accuracy"] <= 1
+    assert record.config.adapter == method and record.config.data.dataset == reviews
     assert "eval_accuracy" in capsys.readouterr().out
-    base, _ = peftlab.cli._base_for(str(out), None)
-    loaded = peftlab.load_adapter(base, out)
+    loaded = peftlab.load_adapter(base_of(out), out)
     assert loaded.peftlab.method.name == method
+    assert record.trainable_params == sum(p.numel() for p in loaded.parameters() if p.requires_grad)
 
 
 def test_a_run_is_reproducible_from_its_seed(tiny_bert, reviews, tmp_path):
@@ -74,7 +82,8 @@ def test_dry_run_prints_settings_and_the_trainable_line(tiny_bert, reviews, caps
     settings = yaml.safe_load(out[:out.index("examples:")])
     assert settings["adapter"] == "evalora" and settings["adapter_config"]["r"] == 4
     assert settings["adapter_config"]["rho"] == 1.5, "overrides on both sides of the options"
-    assert settings["train"]["learning_rate"] == pytest.approx(1e-3)  # from configs/evalora.yaml
+    assert settings["train"]["learning_rate"] == pytest.approx(1e-3)  # from peftlab/configs/evalora.yaml
+    assert settings["model"]["path"] == tiny_bert and settings["data"]["dataset"] == reviews
     assert "trainable params: " in out and "|| all params: " in out
 
 
@@ -84,6 +93,14 @@ def test_dry_run_prints_settings_and_the_trainable_line(tiny_bert, reviews, caps
     (["r=0"], "r must be an integer >= 1"),
     (["max_length"], "must look like key=value"),
     (["--adapter", "lorra"], "unknown adapter 'lorra'; did you mean 'lora'"),
+    (["lora_alpha=abc"], "lora_alpha must be a number, got 'abc'"),
+    (["learning_rate=abc"], "learning_rate must be a number, got 'abc'"),
+    (["r=true"], "r must be an integer, got True"),
+    (["lora_alpha=nan"], "lora_alpha must be a finite number, got nan"),
+    (["eval_fraction=0"], "eval_fraction must be in (0, 1), got 0"),
+    (["eval_fraction=1.5"], "eval_fraction must be in (0, 1), got 1.5"),
+    (["max_length=0"], "max_length must be >= 1"),
+    (["task=chat"], "task must be one of seq-cls, causal-lm, got 'chat'"),
 ])
 def test_bad_settings_name_the_problem(argv, message, tiny_bert, reviews, capsys):
     adapter = [] if "--adapter" in argv else ["--adapter", "lora"]
@@ -98,6 +115,9 @@ def test_bad_settings_name_the_problem(argv, message, tiny_bert, reviews, capsys
     ('{"text": "great", "label": 1}\n{"text": oops}\n', ".jsonl", "line 2: not valid JSON"),
     ("", ".jsonl", "holds no examples"),
     ("text,label\ngreat,yes\n" * 12, ".csv", "label 'yes' in column 'label' is not an integer"),
+    ('{"text": "great", "label": 1}\n' * 9 + '{"text": "fine", "label": 0.95}\n' * 11, ".jsonl",
+     "row 10: label 0.95 in column 'label' is not an integer class id"),
+    ('{"text": {"body": "great"}, "label": 1}\n' * 20, ".jsonl", "row 1: column 'text' holds a dict, not text"),
     ("whatever", ".txt", "unknown file type '.txt'"),
 ])
 def test_bad_data_names_file_row_and_column(content, suffix, message, tiny_bert, tmp_path, capsys):
@@ -119,14 +139,13 @@ def test_export_merge_and_eval(tiny_bert, reviews, tmp_path, capsys):
     out = tmp_path / "run"
     assert run("train", "--adapter", "adalora", "--model", tiny_bert, "--dataset", reviews, "--output-dir", out,
                "max_steps=8", "per_device_train_batch_size=8", "disable_tqdm=true", "init_r=4", "target_r=2") == 0
-    base, _ = peftlab.cli._base_for(str(out), None)
-    model = peftlab.load_adapter(base, out).eval()
+    model = peftlab.load_adapter(base_of(out), out).eval()
     x = {"input_ids": torch.tensor([[101, 2204, 3185, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     expected = model(**x).logits
 
     assert run("export", out, "--as", "lora", "--output-dir", tmp_path / "as-lora") == 0
     assert "relative error" in capsys.readouterr().out
-    theirs = PeftModel.from_pretrained(peftlab.cli._base_for(str(out), None)[0], str(tmp_path / "as-lora")).eval()
+    theirs = PeftModel.from_pretrained(base_of(out), str(tmp_path / "as-lora")).eval()
     torch.testing.assert_close(theirs(**x).logits, expected, atol=1e-5, rtol=1e-5)
 
     assert run("merge", out, "--output-dir", tmp_path / "merged") == 0
@@ -135,7 +154,11 @@ def test_export_merge_and_eval(tiny_bert, reviews, tmp_path, capsys):
     torch.testing.assert_close(merged(**x).logits, expected, atol=1e-5, rtol=1e-5)
 
     assert run("eval", out) == 0
-    assert "eval_accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "eval_accuracy" in printed and f"examples of {reviews} (held-out tail)" in printed
+    assert run("export", out, "--output-dir", out) == 2, "an export must never overwrite its source"
+    assert "would destroy it" in capsys.readouterr().err
+    assert run("export", out, "--rank", "-1", "--output-dir", tmp_path / "x") == 2
 
 
 def test_help_of_every_command_has_an_example(capsys):
@@ -145,23 +168,70 @@ def test_help_of_every_command_has_an_example(capsys):
         assert "example:" in capsys.readouterr().out
 
 
-def test_adapters_table_lists_every_method(capsys):
+def test_adapters_table_lists_every_method_and_its_recipe(capsys):
     assert run("adapters", "--fields", "sara") == 0
     out = capsys.readouterr().out
-    assert all(m in out for m in METHODS) and "target_fraction = 0.05" in out and "eva" in out
+    assert all(m in out and f"configs/{m}.yaml" in out for m in METHODS)
+    assert "target_fraction = 0.05" in out and "eva" in out
+
+
+def test_every_registered_method_ships_a_recipe_and_a_missing_one_is_an_error(monkeypatch):
+    from peftlab import run as runlib
+
+    assert runlib.recipe_names() == sorted(peftlab.list_adapters())
+    for method in METHODS:
+        assert runlib.resolve(method).adapter == method
+    monkeypatch.setattr(runlib, "recipe_names", lambda: [])
+    with pytest.raises(FileNotFoundError, match="ships no recipe for 'nope'"):
+        runlib.load_recipe(None, "nope")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &x [1]\nb: *x\n", "may not use YAML aliases"),
+    ("adapter: lora\ntrain:\n  seed: 1\n  seed: 2\n", "duplicate key 'seed'"),
+    ("- adapter: lora\n", "must be a mapping"),
+    ("adapter: lora\ntrain: [1, 2]\n", "section 'train' must be a mapping"),
+    ("adapter: lora\ntrainn: {}\n", "unknown section 'trainn'"),
+    ("adapter: lora\ntrain: {learning_rat: 1.0}\n", "did you mean 'learning_rate'"),
+    ("adapter: lora\ntrain: {seed: !!python/object:os.system {}}\n", "not valid YAML"),
+])
+def test_bad_recipes_are_one_line_errors(text, message, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert run("train", "--adapter", "lora", "--config", recipe, "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err) < 800
+
+
+def test_every_method_sizes_itself_to_a_budget(tiny_bert):
+    from peftlab.adapters.inject import target_shapes
+
+    model = base_of_model(tiny_bert)
+    for method in METHODS:
+        config_cls = peftlab.adapters.get_method(method).config
+        shapes = target_shapes(model, method)
+        budget = 3 * sum(d_out + d_in for d_out, d_in in shapes) * 4  # LoRA r=12
+        settings = config_cls.for_budget(shapes, budget)
+        count = config_cls(**settings).final_parameter_count(shapes)
+        assert abs(count - budget) / budget < 0.25, (method, settings, count)
+    shapes = target_shapes(model, "lora")
+    assert peftlab.adapters.get_method("lora").config.for_budget(shapes, sum(4 * (o + i) for o, i in shapes)) == {"r": 4}
+
+
+def base_of_model(path):
+    from peftlab.run import ModelConfig
+
+    return load_base(ModelConfig(path=path))
 
 
 def test_compare_sizes_methods_to_one_budget_and_writes_a_table(tiny_bert, reviews, tmp_path, capsys):
-    from peftlab.cli import adapter_size, match_budget
-
-    budget = adapter_size("lora", tiny_bert, 4)
-    assert match_budget("lora", tiny_bert, budget) == {"r": 4}
-    fraction = match_budget("sara", tiny_bert, budget)["target_fraction"]
-    assert abs(adapter_size("sara", tiny_bert, fraction) - budget) <= 1
+    budget = 4 * sum(o + i for o, i in peftlab.adapters.inject.target_shapes(base_of_model(tiny_bert), "lora"))
     assert run("compare", "--adapters", "lora,sara", "--budget", budget, "--model", tiny_bert, "--dataset", reviews,
                "--output-dir", tmp_path, "max_steps=4", "per_device_train_batch_size=8") == 0
     table = json.loads((tmp_path / "compare.json").read_text())
     assert [r["adapter"] for r in table["rows"]] == ["lora", "sara"] and table["metric"] == "eval_accuracy"
+    rows = table["rows"]  # trainable counts include the classifier head, the same for both
+    assert rows[0]["r"] == 4 and abs(rows[1]["trainable"] - rows[0]["trainable"]) <= 1
     assert all(r["step_ms"] > 0 and r["peak_rss_mib"] > 0 for r in table["rows"])
     assert (tmp_path / "compare.png").is_file() and "eval_accuracy" in capsys.readouterr().out
 
@@ -172,7 +242,7 @@ def test_merge_of_a_4bit_run_goes_onto_the_dequantized_base(tiny_bert, reviews, 
     out = tmp_path / "q"
     assert run("train", "--adapter", "lora", "--model", tiny_bert, "--dataset", reviews, "--output-dir", out,
                "--load-in-4bit", "max_steps=4", "per_device_train_batch_size=8", "disable_tqdm=true") == 0
-    base, _ = peftlab.cli._base_for(str(out), None)
+    base = base_of(out)
     assert any(peftlab.quant.is_4bit(m) for m in base.modules()), "the run's 4-bit setting is remembered"
     model = peftlab.load_adapter(base, out)
     x = {"input_ids": torch.tensor([[101, 2204, 3185, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}

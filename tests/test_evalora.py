@@ -205,7 +205,7 @@ def test_trainer_runs_prepare_once_without_an_optimizer_step(tmp_path):
     trainer.train()
     import json
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["step"] == 1 and first["learning_rate"] == pytest.approx(2e-4 * 2 / 3), "warm-up untouched by prepare"
+    assert first["step"] == 1 and first["learning_rate"] == pytest.approx(2e-4 / 2), "warm-up untouched by prepare"
     assert len(list((tmp_path / "prepare_cache").iterdir())) == 1
     again = peftlab.wrap(tiny_llama(), "evalora", r=4)
     calls = []

@@ -28,12 +28,12 @@ def lm_dataset(n: int = 32, length: int = 12, seed: int = 0, num_starts: int = 8
 
 JOB_CONFIGS = {
     "lora": {"r": 4, "lora_dropout": 0.1},
-    "adalora": {"init_r": 6, "target_r": 2, "total_step": 8, "lora_dropout": 0.1},
-    "increlora": {"init_r": 1, "target_r": 3, "top_h": 4, "total_step": 8, "lora_dropout": 0.1},
+    "adalora": {"init_r": 6, "target_r": 2, "lora_dropout": 0.1},
+    "increlora": {"init_r": 1, "target_r": 3, "top_h": 4, "lora_dropout": 0.1},
     "evalora": {"r": 4, "lora_dropout": 0.1},
     "randlora": {"r": 8, "randlora_alpha": 16.0},
     "allora": {"r": 4},
-    "sara": {"target_fraction": 0.1, "total_step": 8},
+    "sara": {"target_fraction": 0.1},
 }
 
 
@@ -49,8 +49,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
 
-    config = dict(JOB_CONFIGS[args.method], total_step=args.steps) if "total_step" in JOB_CONFIGS[args.method] \
-        else dict(JOB_CONFIGS[args.method])
+    config = dict(JOB_CONFIGS[args.method])  # scheduled methods take the run length from the Trainer
     if "lora_dropout" in config:
         config["lora_dropout"] = args.dropout
     model = peftlab.wrap(tiny_llama(), args.method, **config)

@@ -42,8 +42,9 @@ def register(name: str, *, layer: type[AdapterLayer], peft_type: str,
     return decorate
 
 
-def _closest(word: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(word, options, n=1, cutoff=0.4)
+def closest(word: str, options: list[str]) -> str:
+    """'; did you mean X?' for the option closest to a mistyped `word`, or ''."""
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
@@ -52,7 +53,7 @@ def get_method(name: str) -> Method:
     key = _ALIASES.get(name, name)
     if key not in _METHODS:
         known = sorted([*_METHODS, *_ALIASES])
-        raise ValueError(f"unknown adapter {name!r}{_closest(name, known)} Known adapters: {', '.join(known)}")
+        raise ValueError(f"unknown adapter {name!r}{closest(name, known)} Known adapters: {', '.join(known)}")
     return _METHODS[key]
 
 
@@ -72,7 +73,7 @@ def get_config(name: str, **overrides: Any) -> AdapterConfig:
     for key in overrides:
         if key not in valid:
             raise TypeError(
-                f"{method.name} has no config field {key!r}{_closest(key, valid)} "
+                f"{method.name} has no config field {key!r}{closest(key, valid)} "
                 f"Valid fields: {', '.join(valid)}"
             )
     return method.config(**overrides)

@@ -7,8 +7,10 @@ from typing import Any
 
 from ..adapters.base import opt
 
-SCHEDULES = ("linear", "cosine", "constant")
+# transformers' schedules (get_scheduler) that need nothing but the warm-up and the run length
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit")
+TRACKERS = ("auto", "none", "tensorboard", "wandb", "mlflow")
 
 
 @dataclass(kw_only=True)
@@ -38,13 +40,14 @@ class TrainConfig:
     save_total_limit: int = opt(2, "keep the newest N checkpoints; 0 = keep all")
     bf16: bool = opt(False, "bfloat16 autocast (needs hardware support)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (non-reentrant)")
-    load_in_4bit: bool = opt(False, "load the base model in bitsandbytes NF4 (QLoRA)")
     torch_compile: bool = opt(False, "train through torch.compile (inductor; on CPU it needs a C++ compiler); "
                                      "fused adapter layers stay one opaque op inside the compiled graph")
     max_nonfinite_steps: int = opt(5, "stop after this many optimizer steps in a row with a NaN/inf loss or gradient")
     prepare_batches: int = opt(16, "training batches handed to the adapter's prepare() (EVA)")
     group_by_length: bool = opt(False, "batch examples of similar length together (less padding)")
-    disable_tqdm: bool = opt(False, "no progress bar")
+    disable_tqdm: bool = opt(False, "no progress bars")
+    report_to: str = opt("auto", "where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow (comma-separated), "
+                                 "none, or auto = tensorboard when it is installed")
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -72,6 +75,9 @@ class TrainConfig:
         check(self.lr_scheduler_type in SCHEDULES,
               f"lr_scheduler_type must be one of {', '.join(SCHEDULES)}, got {self.lr_scheduler_type!r}")
         check(self.optim in OPTIMIZERS, f"optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+        trackers = self.report_to.split(",") if isinstance(self.report_to, str) else [self.report_to]
+        check(all(t.strip() in TRACKERS for t in trackers) and (len(trackers) == 1 or not {"auto", "none"} & set(trackers)),
+              f"report_to must be one of {', '.join(TRACKERS)} or a comma-separated list of trackers, got {self.report_to!r}")
         check(bool(self.output_dir), "output_dir must not be empty")
 
     def to_dict(self) -> dict[str, Any]:

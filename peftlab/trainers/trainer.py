@@ -2,14 +2,21 @@
 
     prepare()                                  once, before the optimizer exists
     for each optimizer step:
-        forward/backward x gradient_accumulation_steps   (DDP syncs on the last micro-batch)
+        forward/backward x gradient_accumulation_steps   (DDP syncs on the last micro-batch;
+                                                          the controller's penalty joins its loss)
         clip -> before_optimizer_step -> optimizer.step -> after_optimizer_step -> scheduler.step
 
 A step whose loss or gradient is NaN/inf is skipped whole: no hook sees it, no weight moves.
+Learning-rate schedules are transformers' (`get_scheduler`), metrics go to `metrics.jsonl` and to
+Accelerate's trackers (`report_to`). Checkpoints are written here rather than with Accelerate's
+`save_state`, which would store the whole base model and reads its RNG state back with pickle:
+ours hold only trainable tensors (safetensors) and tensor-only torch files loaded with
+`weights_only=True`, and appear complete or not at all (temp directory, then rename).
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -17,6 +24,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -27,8 +35,8 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
-from .. import quant
 from ..adapters.base import Controller
 from ..adapters.inject import controller as controller_of
 from ..adapters.inject import state_of
@@ -38,24 +46,29 @@ from .config import TrainConfig
 
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable_state.safetensors"
+METRICS_NAME = "metrics.jsonl"
+
+Batch = dict[str, torch.Tensor]
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
-    """Multiplier of the peak learning rate after `step` optimizer steps: linear warm-up, then decay."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1.0 - progress)
-    return factor
+@dataclass
+class _Loop:
+    """What the training loop carries from step to step."""
+
+    model: nn.Module                      # the model as Accelerate prepared it (DDP, compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total: int
+    step: int
+    micro: int
+    batches: Iterator[Batch]
+    losses: list[float] = field(default_factory=list)  # applied steps since the last log line
+    started: float = field(default_factory=time.perf_counter)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
@@ -72,16 +85,13 @@ class Trainer:
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_dataset: Sequence[dict[str, Any]],
                  eval_dataset: Sequence[dict[str, Any]] | None = None,
-                 data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None):
+                 data_collator: Callable[[list[dict[str, Any]]], Batch] | None = None):
         state_of(model)  # a clear error if the model carries no adapters
         if len(train_dataset) == 0:
             raise ValueError("train_dataset is empty")
         self.model, self.config = model, config
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.collate = data_collator or PadCollator()
-        if config.load_in_4bit and not any(quant.is_4bit(m) for m in model.modules()):
-            raise ValueError("load_in_4bit=True but the model has no 4-bit layers; load it with "
-                             "peftlab.quant.load_model(path, task, load_in_4bit=True) before wrapping")
         if config.bf16 and not _bf16_supported():
             raise ValueError("bf16=True but this hardware has no bfloat16 support; set bf16=False")
         precision = "bf16" if config.bf16 else "no"
@@ -90,105 +100,61 @@ class Trainer:
             # able to start (the process group, kept in PartialState, is left alone)
             AcceleratorState._reset_state()
         # cpu=True on GPU-less machines is what lets `accelerate launch --multi_gpu` (torchrun) run gloo DDP
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                                       log_with=_trackers(config.report_to), project_dir=config.output_dir)
         self.output_dir = Path(config.output_dir)
         self.nonfinite_steps = 0  # in a row
         self.nonfinite_total = 0
-        self._tensorboard = None
+        self.loop: _Loop | None = None  # the running (or last) training loop
 
     @property
-    def controller(self):
+    def controller(self) -> Controller:
         return controller_of(self.model)
 
     # ---------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: bool | str = False) -> dict[str, Any]:
         """Train to the configured length; `resume_from_checkpoint=True` continues from the newest
         checkpoint in output_dir (or from the given checkpoint directory) exactly where it stopped."""
-        cfg, acc, model = self.config, self.accelerator, self.model
-        set_seed(cfg.seed)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        lengths = [len(row["input_ids"]) for row in self.train_dataset] if cfg.group_by_length else None
-        batches = EpochBatches(len(self.train_dataset), cfg.per_device_train_batch_size,
-                               acc.num_processes, acc.process_index, cfg.seed, lengths=lengths)
-        total = cfg.total_steps(len(batches))
-        if cfg.gradient_checkpointing:
-            _enable_gradient_checkpointing(model)
-        self.controller.expect_total_steps(total)
-        checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
-        if checkpoint is None:
-            self._prepare()
-        else:  # adapter shapes (EVA's ranks) and weights first: the optimizer is built over them
-            self._check_resumable(checkpoint)
-            self._load_adapter_state(checkpoint)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = self._optimizer()
-        self.controller.bind_optimizer(optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(cfg.lr_scheduler_type, cfg.warmup(total), total))
-        step, micro = 0, 0
-        if checkpoint is not None:
-            step, micro = self._load_checkpoint(checkpoint, optimizer, scheduler)
-        ddp_model = acc.prepare(model)
-        if cfg.torch_compile:  # fallback_random: dropout draws as in eager mode, so seeds mean the same
-            ddp_model = torch.compile(ddp_model, options={"fallback_random": True})
-        metrics: dict[str, Any] = {}
-
-        bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
-                   disable=cfg.disable_tqdm or not acc.is_main_process)
-        micro_batches = self._micro_batches(batches, micro)
-        window: list[float] = []
-        start = time.perf_counter()
-        ddp_model.train()
-        while step < total:
-            loss = torch.zeros((), device=acc.device)
-            for k in range(cfg.gradient_accumulation_steps):
-                batch = next(micro_batches)
-                last = k == cfg.gradient_accumulation_steps - 1
-                with nullcontext() if last else acc.no_sync(ddp_model):
-                    micro_loss = ddp_model(**batch).loss / cfg.gradient_accumulation_steps
-                    acc.backward(micro_loss)
-                loss += micro_loss.detach()
-                micro += 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-            loss = acc.reduce(loss, "mean")
-            if torch.isfinite(loss) and torch.isfinite(grad_norm):
-                self.nonfinite_steps = 0
-                self.controller.before_optimizer_step(step)
-                optimizer.step()
-                self.controller.after_optimizer_step(step)
-                scheduler.step()
-                window.append(loss.item())
-            else:
-                self._count_nonfinite(step, loss, grad_norm)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        cfg, ctl = self.config, self.controller
+        self.loop = loop = self._start(resume_from_checkpoint)
+        bar = tqdm(total=loop.total, initial=loop.step, desc="train", dynamic_ncols=True, mininterval=1.0,
+                   disable=cfg.disable_tqdm or not self.accelerator.is_main_process)
+        loop.model.train()
+        while loop.step < loop.total:
+            loss, grad_norm = self._forward_backward(loop)
+            if self._finite(loss, grad_norm, loop.step):
+                ctl.before_optimizer_step(loop.step)
+                loop.optimizer.step()
+                ctl.after_optimizer_step(loop.step)
+                loop.scheduler.step()
+                loop.losses.append(loss.item())
+            loop.optimizer.zero_grad(set_to_none=True)
+            loop.step += 1
             bar.update(1)
-
-            if step % cfg.logging_steps == 0 or step == total:
-                metrics = {"step": step, "loss": sum(window) / max(len(window), 1),
-                           "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                           "skipped_steps": self.nonfinite_total, "step_time": (time.perf_counter() - start) / step}
-                metrics.update(_scalars(self.controller.report()))
-                window = []
-                bar.set_postfix(_short(metrics))
-                self._log(metrics, self.controller.report())
-            if self.eval_dataset is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step < total:
-                self._log({"step": step, **self.evaluate()})
-                ddp_model.train()
-            if cfg.save_steps and step % cfg.save_steps == 0:
-                self._save_checkpoint(step, micro, optimizer, scheduler)
+            self._after_step(loop, grad_norm, bar)
         bar.close()
+        return self._finish(loop)
 
-        final = {"step": step, **({"train_loss": metrics["loss"]} if "loss" in metrics else {})}
-        if self.eval_dataset is not None:
-            final.update(self.evaluate())
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            save_adapter(model, self.output_dir)
-            self._log(final, self.controller.report())
-        return final
+    def _forward_backward(self, loop: _Loop) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step's micro-batches: the mean loss over processes and the clipped gradient norm."""
+        acc, steps = self.accelerator, self.config.gradient_accumulation_steps
+        loss = torch.zeros((), device=acc.device)
+        for k in range(steps):
+            last = k == steps - 1
+            with nullcontext() if last else acc.no_sync(loop.model):
+                micro_loss = loop.model(**next(loop.batches)).loss / steps
+                # the regularizer joins the loss once per step, so clipping and the grad norm see it
+                acc.backward(micro_loss + self.controller.penalty(loop.step) if last else micro_loss)
+            loss += micro_loss.detach()
+            loop.micro += 1
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm or math.inf)
+        return acc.reduce(loss, "mean"), grad_norm
 
-    def _count_nonfinite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> bool:
+        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+            self.nonfinite_steps = 0
+            return True
         self.nonfinite_steps += 1
         self.nonfinite_total += 1
         what = f"loss={loss.item()}, grad_norm={grad_norm.item()}"
@@ -196,11 +162,79 @@ class Trainer:
             raise NonFiniteLossError(
                 f"{self.nonfinite_steps} optimizer steps in a row had a non-finite loss or gradient "
                 f"(last at step {step + 1}: {what}); stopping. Lower learning_rate, enable max_grad_norm, "
-                "or check the data for empty or broken examples"
-            )
+                "or check the data for empty or broken examples")
         self.accelerator.print(f"peftlab: step {step + 1} skipped ({what}); weights and adapter state unchanged")
+        return False
 
-    def _micro_batches(self, batches: EpochBatches, start: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _after_step(self, loop: _Loop, grad_norm: torch.Tensor, bar: tqdm) -> None:
+        cfg, step = self.config, loop.step
+        if step % cfg.logging_steps == 0 or step == loop.total:
+            loop.metrics = {"step": step, "learning_rate": loop.scheduler.get_last_lr()[0],
+                            "grad_norm": grad_norm.item(), "skipped_steps": self.nonfinite_total,
+                            "step_time": (time.perf_counter() - loop.started) / step}
+            if loop.losses:  # skipped steps are counted, never averaged in as a loss
+                loop.metrics["loss"] = sum(loop.losses) / len(loop.losses)
+            loop.losses = []
+            report = self.controller.report()
+            loop.metrics.update({k: v for k, v in report.items() if isinstance(v, (int, float))})
+            bar.set_postfix({k: f"{loop.metrics[k]:.4g}" for k in ("loss", "learning_rate") if k in loop.metrics})
+            self._log(loop.metrics, report)
+        if self.eval_dataset is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step < loop.total:
+            self._log({"step": step, **self.evaluate()})
+            loop.model.train()
+        if cfg.save_steps and step % cfg.save_steps == 0:
+            self._save_checkpoint(loop)
+
+    def _finish(self, loop: _Loop) -> dict[str, Any]:
+        acc = self.accelerator
+        if self.nonfinite_total == loop.total:
+            raise NonFiniteLossError(f"every one of the {loop.total} optimizer steps had a non-finite loss or "
+                                     "gradient, so nothing was trained; check the data (are all labels masked?)")
+        final = {"step": loop.step, **({"train_loss": loop.metrics["loss"]} if "loss" in loop.metrics else {})}
+        if self.eval_dataset is not None:
+            final.update(self.evaluate())
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_adapter(self.model, self.output_dir)
+            self._log(final, self.controller.report())
+        acc.end_training()
+        return final
+
+    # ------------------------------------------------------------------ set-up
+    def _start(self, resume: bool | str) -> _Loop:
+        """Everything before the first step: data order, run length, prepare or resume, optimizer."""
+        cfg, acc = self.config, self.accelerator
+        set_seed(cfg.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:  # a checkpoint a crash left half-written is never resumed from
+            for leftover in self.output_dir.glob(".checkpoint-*.tmp"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        lengths = [len(row["input_ids"]) for row in self.train_dataset] if cfg.group_by_length else None
+        batches = EpochBatches(len(self.train_dataset), cfg.per_device_train_batch_size,
+                               acc.num_processes, acc.process_index, cfg.seed, lengths=lengths)
+        total = cfg.total_steps(len(batches))
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(self.model)
+        self.controller.expect_total_steps(total)
+        checkpoint = self._checkpoint_to_resume(resume)
+        if checkpoint is None:
+            self._prepare()
+        else:  # adapter shapes (EVA's ranks) and weights first: the optimizer is built over them
+            self._check_resumable(checkpoint)
+            self._load_adapter_state(checkpoint)
+        optimizer = self._optimizer()
+        self.controller.bind_optimizer(optimizer)
+        scheduler = get_scheduler(_schedule_name(cfg.lr_scheduler_type, cfg.warmup(total)), optimizer,
+                                  num_warmup_steps=cfg.warmup(total), num_training_steps=total)
+        step, micro = self._load_checkpoint(checkpoint, optimizer, scheduler) if checkpoint else (0, 0)
+        self._start_metrics(step)
+        acc.init_trackers("peftlab", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
+        model = acc.prepare(self.model)
+        if cfg.torch_compile:  # fallback_random: dropout draws as in eager mode, so seeds mean the same
+            model = torch.compile(model, options={"fallback_random": True})
+        return _Loop(model, optimizer, scheduler, total, step, micro, self._micro_batches(batches, micro))
+
+    def _micro_batches(self, batches: EpochBatches, start: int) -> Iterator[Batch]:
         """Micro-batches from global position `start` on, across epochs, already on the device."""
         epoch, index = divmod(start, len(batches))
         while True:
@@ -225,7 +259,7 @@ class Trainer:
             self.accelerator.print(f"peftlab: prepare result reused from {cache}")
             self._load_adapter_state(cache)
             return
-        controller.prepare(self.model, batches)
+        controller.prepare(batches)
         tmp = cache.with_name(cache.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -234,16 +268,7 @@ class Trainer:
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)
 
-    def _save_adapter_state(self, path: Path) -> None:
-        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(path / TRAINABLE_NAME))  # every trainable tensor, untrimmed, for exact resume
-        torch.save(self.controller.state_dict(), path / "controller.pt")
-
-    def _load_adapter_state(self, path: Path) -> None:
-        self.controller.load_state_dict(torch.load(path / "controller.pt", weights_only=True))
-        self._load_trainable(path / TRAINABLE_NAME)
-
-    def _prepare_batches(self) -> list[dict[str, torch.Tensor]]:
+    def _prepare_batches(self) -> list[Batch]:
         """The first training batches in a fixed order, for data-driven init (EVA). Batch j covers
         the same examples whatever the process count: each process takes its slice of it, so
         statistics gathered across processes equal a single process's."""
@@ -259,61 +284,37 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
-        groups = self.controller.param_groups(self.model, cfg.learning_rate)
-        for group in groups:
-            group.setdefault("weight_decay", cfg.weight_decay)
-        kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                      weight_decay=cfg.weight_decay)
         if cfg.optim == "adamw_8bit":
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(groups, **kwargs)
+            return bnb.optim.AdamW8bit(params, **kwargs)
         # the fused (single-kernel) AdamW, as transformers' default adamw_torch_fused: 4x faster on CPU
-        return torch.optim.AdamW(groups, **kwargs, fused=True)
+        return torch.optim.AdamW(params, **kwargs, fused=True)
 
     # -------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self, eval_dataset: Sequence[dict[str, Any]] | None = None) -> dict[str, float]:
         """Loss, plus accuracy (classification) or perplexity (causal LM), over every process."""
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if data is None or len(data) == 0:
-            raise ValueError("evaluate() needs a non-empty eval_dataset")
-        acc, size = self.accelerator, self.config.per_device_eval_batch_size
-        mine = list(range(acc.process_index, len(data), acc.num_processes))
-        totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss sum, count, correct
-        causal = False
-        self.model.eval()
-        for j in range(0, len(mine), size):
-            batch = {k: v.to(acc.device) for k, v in self.collate([data[i] for i in mine[j:j + size]]).items()}
-            labels = batch.pop("labels")
-            with acc.autocast():
-                logits = self.model(**batch).logits.float()
-            if logits.dim() == 3:  # causal LM: predict token t+1 from tokens <= t
-                causal = True
-                logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-            keep = labels != -100
-            totals[0] += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").double()
-            totals[1] += keep.sum()
-            totals[2] += (logits[keep].argmax(-1) == labels[keep]).sum()
-        totals = acc.reduce(totals, "sum")
-        loss = (totals[0] / totals[1]).item()
-        if causal:
-            return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-        return {"eval_loss": loss, "eval_accuracy": (totals[2] / totals[1]).item()}
+        return evaluate(self.model, data, self.collate, self.accelerator, self.config.per_device_eval_batch_size,
+                        progress=not self.config.disable_tqdm)
 
     # ------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, step: int, micro: int, optimizer, scheduler) -> None:
+    def _save_checkpoint(self, loop: _Loop) -> None:
         """checkpoint-N/ appears complete or not at all: written to a temp dir, then renamed."""
         acc = self.accelerator
-        final = self.output_dir / f"checkpoint-{step}"
-        tmp = self.output_dir / f".checkpoint-{step}.tmp"
+        final = self.output_dir / f"checkpoint-{loop.step}"
+        tmp = self.output_dir / f".checkpoint-{loop.step}.tmp"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_adapter(self.model, tmp)  # the usable PEFT-format adapter (trimmed to live ranks)
             self._save_adapter_state(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            state = {"step": step, "micro_batches": micro, "nonfinite_steps": self.nonfinite_steps,
+            torch.save(loop.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(loop.scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {"step": loop.step, "micro_batches": loop.micro, "nonfinite_steps": self.nonfinite_steps,
                      "nonfinite_total": self.nonfinite_total, "world_size": acc.num_processes,
                      "config": self.config.to_dict()}
             atomic_write(tmp / STATE_NAME, lambda p: Path(p).write_text(json.dumps(state, indent=2)))
@@ -328,6 +329,22 @@ class Trainer:
             os.replace(tmp, final)
             self._rotate_checkpoints()
         acc.wait_for_everyone()
+
+    def _save_adapter_state(self, path: Path) -> None:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(path / TRAINABLE_NAME))  # every trainable tensor, untrimmed, for exact resume
+        torch.save(self.controller.state_dict(), path / "controller.pt")
+
+    def _load_adapter_state(self, path: Path) -> None:
+        self.controller.load_state_dict(torch.load(path / "controller.pt", weights_only=True))
+        saved = load_file(str(path / TRAINABLE_NAME))
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if saved.keys() != params.keys() or any(saved[n].shape != p.shape for n, p in params.items()):
+            raise ValueError(f"{path / TRAINABLE_NAME} does not fit this model's trainable parameters; resume "
+                             "with the same adapter config the checkpoint was written with")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name])
 
     def _rotate_checkpoints(self) -> None:
         limit = self.config.save_total_limit
@@ -357,7 +374,8 @@ class Trainer:
             raise ValueError(
                 f"{path} was written by {state['world_size']} processes but this run has {acc.num_processes}; "
                 "exact resume needs the same process count (the data order depends on it)")
-        saved = {k: v for k, v in state["config"].items() if k not in ("output_dir", "disable_tqdm")}
+        ignored = ("output_dir", "disable_tqdm", "report_to")
+        saved = {k: v for k, v in state["config"].items() if k not in ignored}
         changed = {k: (v, getattr(self.config, k)) for k, v in saved.items() if getattr(self.config, k) != v}
         if changed:
             raise ValueError(f"{path} was written with other settings {changed} (saved, now); "
@@ -377,39 +395,62 @@ class Trainer:
         acc.print(f"peftlab: resumed from {path} at step {state['step']}")
         return state["step"], state["micro_batches"]
 
-    @torch.no_grad()
-    def _load_trainable(self, path: Path) -> None:
-        saved = load_file(str(path))
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        if saved.keys() != params.keys() or any(saved[n].shape != p.shape for n, p in params.items()):
-            raise ValueError(f"{path} does not fit this model's trainable parameters; resume with the same "
-                             "adapter config the checkpoint was written with")
-        for name, param in params.items():
-            param.copy_(saved[name])
-
     # ----------------------------------------------------------------- logging
+    def _start_metrics(self, step: int) -> None:
+        """One consistent series per run: a fresh run starts metrics.jsonl anew, a resumed one drops
+        what the interrupted run logged after its checkpoint."""
+        path = self.output_dir / METRICS_NAME
+        if not self.accelerator.is_main_process:
+            return
+        kept = []
+        if step and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+
     def _log(self, metrics: dict[str, Any], report: dict[str, Any] | None = None) -> None:
         if not self.accelerator.is_main_process:
             return
         record = {**metrics, **({"report": report} if report else {})}
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
+        with open(self.output_dir / METRICS_NAME, "a") as f:
             f.write(json.dumps(record) + "\n")
-        writer = self._tensorboard_writer()
-        if writer is not None:
-            for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    writer.add_scalar(key, value, metrics["step"])
-            writer.flush()
+        scalars = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+        self.accelerator.log(scalars, step=metrics["step"])
 
-    def _tensorboard_writer(self):
-        if self._tensorboard is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                self._tensorboard = False
-            else:
-                self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
-        return self._tensorboard or None
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]] | None, collate: Callable,
+             accelerator: Accelerator | None, batch_size: int, progress: bool = True) -> dict[str, float]:
+    """Loss, plus accuracy (classification) or perplexity (causal LM); with an accelerator, each
+    process scores its share and the totals are summed."""
+    if dataset is None or len(dataset) == 0:
+        raise ValueError("evaluate() needs a non-empty eval_dataset")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    mine = list(range(rank, len(dataset), world))
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, count, correct
+    causal = False
+    model.eval()
+    for j in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False, dynamic_ncols=True,
+                  disable=not progress or rank != 0):
+        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in mine[j:j + batch_size]]).items()}
+        labels = batch.pop("labels")
+        with accelerator.autocast() if accelerator else nullcontext():
+            logits = model(**batch).logits.float()
+        if logits.dim() == 3:  # causal LM: predict token t+1 from tokens <= t
+            causal = True
+            logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+        keep = labels != -100
+        totals[0] += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").double()
+        totals[1] += keep.sum()
+        totals[2] += (logits[keep].argmax(-1) == labels[keep]).sum()
+    if accelerator:
+        totals = accelerator.reduce(totals, "sum")
+    if totals[1] == 0:
+        raise ValueError("the eval data has no target tokens (every label is -100); nothing to score")
+    loss = (totals[0] / totals[1]).item()
+    if causal:
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    return {"eval_loss": loss, "eval_accuracy": (totals[2] / totals[1]).item()}
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -419,15 +460,28 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def _scalars(report: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in report.items() if isinstance(v, (int, float))}
+def _schedule_name(kind: str, warmup: int) -> str:
+    # transformers' "constant" ignores warm-up; with warm-up steps it is "constant_with_warmup"
+    return "constant_with_warmup" if kind == "constant" and warmup else kind
 
 
-def _short(metrics: dict[str, Any]) -> dict[str, str]:
-    shown = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['learning_rate']:.2e}"}
-    if "budget" in metrics:
-        shown["budget"] = str(metrics["budget"])
-    return shown
+def _trackers(report_to: str) -> list[str] | None:
+    """Accelerate trackers for `report_to`: 'auto' is TensorBoard when it is installed."""
+    if report_to == "auto":
+        report_to = "tensorboard" if _installed("tensorboard") or _installed("tensorboardX") else "none"
+    if report_to == "none":
+        return None
+    names = [name.strip() for name in report_to.split(",")]
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+    for name in names:
+        if not any(_installed(p) for p in packages[name]):
+            raise ValueError(f"report_to={name} needs the {packages[name][0]} package: pip install {packages[name][0]} "
+                             "(or report_to=none)")
+    return names
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def _bf16_supported() -> bool:
