@@ -19,14 +19,13 @@ import time
 import torch
 
 import peftlab
-from peftlab import cli
 from peftlab.data import EpochBatches
+from peftlab.run import RunConfig, build_run, resolve
 
 
-def settings(method: str) -> dict:
-    args = cli.build_parser().parse_args(["train", "--adapter", method, "eval_steps=0", "disable_tqdm=true",
-                                          f"output_dir={tempfile.mkdtemp(prefix='peftlab-e2e-')}"])
-    return cli.resolve(args)
+def settings(method: str) -> RunConfig:
+    return resolve(method, overrides=["eval_steps=0", "disable_tqdm=true",
+                                      f"output_dir={tempfile.mkdtemp(prefix='peftlab-e2e-')}"])
 
 
 @torch.no_grad()
@@ -40,16 +39,18 @@ def accuracy(model: torch.nn.Module, features: list[dict], collate) -> float:
     return correct / len(features)
 
 
-def run_peftlab(run: dict) -> tuple[float, float]:
-    model, _, train_set, eval_set, train_config, collator = cli.prepare_run(run)
+def run_peftlab(config: RunConfig) -> tuple[float, float]:
+    run = build_run(config)
+    model, train_set, eval_set, train_config, collator = run.model, run.train_set, run.eval_set, config.train, run.collator
     trainer = peftlab.Trainer(model, train_config, train_set, data_collator=collator)
     start = time.perf_counter()
     trainer.train()
     return time.perf_counter() - start, accuracy(model, eval_set, collator)
 
 
-def run_floor(run: dict) -> tuple[float, None]:
-    model, _, train_set, _, train_config, collator = cli.prepare_run(run)
+def run_floor(config: RunConfig) -> tuple[float, None]:
+    run = build_run(config)
+    model, train_set, train_config, collator = run.model, run.train_set, config.train, run.collator
     peftlab.unwrap(model)
     model.requires_grad_(False)
     # gradients flow back to the embeddings' output, as they do through an adapted model
@@ -63,13 +64,14 @@ def run_floor(run: dict) -> tuple[float, None]:
     return time.perf_counter() - start, None
 
 
-def run_hf(run: dict) -> tuple[float, float]:
+def run_hf(config: RunConfig) -> tuple[float, float]:
     import peft
     from transformers import Trainer, TrainingArguments
 
-    model, _, train_set, eval_set, train_config, collator = cli.prepare_run(run)  # the same base, data, seed
+    run = build_run(config)  # the same base, data, seed
+    model, train_set, eval_set, train_config, collator = run.model, run.train_set, run.eval_set, config.train, run.collator
     peftlab.unwrap(model)
-    adapter = run["adapter_config"]
+    adapter = config.adapter_config
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=adapter["r"], lora_alpha=adapter["lora_alpha"], lora_dropout=adapter["lora_dropout"],
         target_modules="all-linear", task_type="SEQ_CLS"))
@@ -99,7 +101,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, runner in runners.items():
             results[name].append(runner(run))
-    print(f"{args.method} recipe on the embedded task ({run['adapter_config']}), {args.rounds} rounds, "
+    print(f"{args.method} recipe on the embedded task ({run.adapter_config}), {args.rounds} rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| run | median wall time | accuracies |\n|---|---|---|")
     for name, rows in results.items():

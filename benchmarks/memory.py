@@ -42,7 +42,8 @@ def measure_one(lib: str, method: str, model_name: str, load_in_4bit: bool, rank
 
         model = peftlab.wrap(model, method, **peftlab_config(method, rank, dropout, STEPS + 1))
         controller = peftlab.controller(model)
-        controller.prepare(model, data)
+        controller.prepare(data)
+        penalty = controller.penalty  # AdaLoRA's regularizer joins the loss, as PEFT's does in forward
         before, after = controller.before_optimizer_step, controller.after_optimizer_step
     else:
         import peft
@@ -51,6 +52,7 @@ def measure_one(lib: str, method: str, model_name: str, load_in_4bit: bool, rank
         if method == "evalora":  # PEFT's EVA reads per-token labels only: hand it a classifier's batches without
             peft.initialize_lora_eva_weights(model, [{k: v for k, v in b.items() if k != "labels" or v.dim() > 1}
                                                      for b in data])
+        penalty = lambda step: 0.0  # noqa: E731
         update = getattr(model.base_model, "update_and_allocate", None)  # AdaLoRA's budget step
         before, after = (lambda step: update(step)) if update else (lambda step: None), lambda step: None
     model.train()
@@ -58,7 +60,7 @@ def measure_one(lib: str, method: str, model_name: str, load_in_4bit: bool, rank
     saved = 0
     for step in range(STEPS):
         batch = data[step]
-        saved = saved_bytes(lambda: model(**batch).loss)
+        saved = saved_bytes(lambda: model(**batch).loss + penalty(step))
         before(step)
         optimizer.step()
         after(step)

@@ -24,6 +24,8 @@ class Variant:
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
         self.run = torch.compile(model, options={"fallback_random": True}) if compiled else model
         self.times: list[float] = []
+        # a peftlab method's regularizer joins the loss (PEFT adds AdaLoRA's inside forward)
+        self.penalty = model.peftlab.controller.penalty if hasattr(model, "peftlab") else (lambda step: 0.0)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()
@@ -32,7 +34,7 @@ class Variant:
             rest = {k: v for k, v in batch.items() if k != "input_ids"}
             self.run(inputs_embeds=inputs, **rest).loss.backward()
         else:
-            self.run(**batch).loss.backward()
+            (self.run(**batch).loss + self.penalty(0)).backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start

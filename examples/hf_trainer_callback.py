@@ -20,11 +20,11 @@ train = [{**tokenizer(r["text"], truncation=True, max_length=64), "labels": r["l
 
 model = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=2)
 steps = 32
-peftlab.wrap(model, "adalora", init_r=12, target_r=4, total_step=steps)
+peftlab.wrap(model, "adalora", init_r=12, target_r=4)  # its schedule spans the Trainer's max_steps
 with tempfile.TemporaryDirectory() as out:
     args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-2,
                              report_to=[], use_cpu=True, logging_steps=8)
     Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
-            callbacks=[PeftlabCallback(model)]).train()
+            callbacks=[PeftlabCallback()]).train()
 report = peftlab.controller(model).report()
 print(f"total rank {report['budget']} (target {report['target_budget']}, started at {12 * len(report['ranks'])})")

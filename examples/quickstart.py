@@ -23,18 +23,21 @@ peftlab.wrap(model, "lora", r=8, lora_alpha=16)          # the classifier head t
 print(peftlab.trainable_summary(model))
 
 batch = tokenizer(texts, padding=True, return_tensors="pt")
+steps = 20
 ctl = peftlab.controller(model)
-ctl.prepare(model, [batch])
-optimizer = torch.optim.AdamW(ctl.param_groups(model, base_lr=1e-3))
+ctl.expect_total_steps(steps)                            # schedules (AdaLoRA, IncreLoRA, SaRA) span the run
+ctl.prepare([batch])                                     # EVA's data-driven init; before the optimizer exists
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+ctl.bind_optimizer(optimizer)
 model.train()
-for step in range(20):
+for step in range(steps):
     loss = model(**batch, labels=labels).loss
-    loss.backward()
+    (loss + ctl.penalty(step)).backward()                # a method's regularizer joins the loss
     ctl.before_optimizer_step(step)
     optimizer.step()
     ctl.after_optimizer_step(step)
     optimizer.zero_grad()
-print(f"loss after 20 steps: {loss.item():.4f}")
+print(f"loss after {steps} steps: {loss.item():.4f}")
 
 model.eval()
 with tempfile.TemporaryDirectory() as out, torch.no_grad():

@@ -5,7 +5,7 @@ from transformers import Trainer, TrainingArguments
 import peftlab
 from peftlab.integrations import PeftlabCallback
 
-from conftest import tiny_llama
+from conftest import adapter_optimizer, tiny_llama
 from test_trainer import spied
 from train_job import lm_dataset
 
@@ -53,3 +53,49 @@ def test_callback_refuses_a_schedule_for_another_run_length(tmp_path):
     model = peftlab.wrap(tiny_llama(), "adalora", total_step=50)
     with pytest.raises(ValueError, match="total_step=50 but training runs 4 optimizer steps"):
         hf_trainer(model, tmp_path, max_steps=4).train()
+
+
+def test_penalty_joins_the_loss_once_per_step_in_every_front_end(tmp_path):
+    """AdaLoRA's orthogonality term is part of the loss (so clipping sees it) and counts once per
+    optimizer step under gradient accumulation: the gradients at before_optimizer_step agree across
+    a hand-written loop, peftlab.Trainer and transformers.Trainer + PeftlabCallback."""
+    data = lm_dataset(8)  # an epoch is one optimizer step: 2 micro-batches of 4 equal-length sequences
+    settings = dict(init_r=4, target_r=2, orth_reg_weight=0.5, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+    def model_and_recorder():
+        torch.manual_seed(0)
+        model = peftlab.wrap(tiny_llama(), "adalora", **settings).train()
+        ctl, grads = peftlab.controller(model), {}
+        original = ctl.before_optimizer_step
+
+        def record(step):
+            if step == 0:
+                grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+            original(step)
+
+        ctl.before_optimizer_step = record
+        return model, ctl, grads
+
+    model, ctl, by_hand = model_and_recorder()
+    ctl.expect_total_steps(2)
+    optimizer = adapter_optimizer(model)
+    batch = {k: torch.stack([row[k] for row in data]) for k in data[0]}
+    (model(**batch).loss + ctl.penalty(0)).backward()
+    ctl.before_optimizer_step(0)
+
+    model, _, ours = model_and_recorder()
+    peftlab.Trainer(model, peftlab.TrainConfig(output_dir=str(tmp_path / "ours"), max_steps=2, per_device_train_batch_size=4,
+                                               gradient_accumulation_steps=2, max_grad_norm=0, disable_tqdm=True),
+                    data).train()
+
+    model, _, theirs = model_and_recorder()
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=2, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, max_grad_norm=0, report_to=[], use_cpu=True,
+                             disable_tqdm=True, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[PeftlabCallback()]).train()
+
+    penalty_only = [n for n in by_hand if "lora_A" in n]  # E starts at 0: A's gradient is the penalty's alone
+    assert all(by_hand[n].abs().sum() > 0 for n in penalty_only)
+    for name in by_hand:
+        torch.testing.assert_close(ours[name], by_hand[name], atol=1e-6, rtol=1e-5, msg=f"peftlab.Trainer {name}")
+        torch.testing.assert_close(theirs[name], by_hand[name], atol=1e-6, rtol=1e-5, msg=f"HF Trainer {name}")

@@ -47,6 +47,7 @@ def run(*argv):
     return main([str(a) for a in argv])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_train_each_method_end_to_end(method, tiny_bert, reviews, tmp_path, capsys):
     out = tmp_path / method
@@ -224,6 +225,7 @@ def base_of_model(path):
     return load_base(ModelConfig(path=path))
 
 
+@pytest.mark.slow
 def test_compare_sizes_methods_to_one_budget_and_writes_a_table(tiny_bert, reviews, tmp_path, capsys):
     budget = 4 * sum(o + i for o, i in peftlab.adapters.inject.target_shapes(base_of_model(tiny_bert), "lora"))
     assert run("compare", "--adapters", "lora,sara", "--budget", budget, "--model", tiny_bert, "--dataset", reviews,

@@ -173,7 +173,13 @@ def test_pooler_input_is_2d_and_saved_adapter_loads_in_peft(tmp_path):
              for i in range(64)]
     batches = [dict(tok(texts[i:i + 16], padding=True, return_tensors="pt")) for i in range(0, 64, 16)]
     model = prepared(minilm_classifier(), batches, r=4)
-    assert "bert.pooler.dense" in model.peftlab.layers or True  # it may legitimately get rank 0
+    pooler = model.bert.pooler.dense  # its input is 2-D (batch, hidden): no token axis to mask
+    if "bert.pooler.dense" in model.peftlab.layers:  # it may legitimately get rank 0 and be unwrapped
+        a = pooler.lora_A[:pooler.rank].detach()
+        assert pooler.rank > 0
+        torch.testing.assert_close(a @ a.t(), torch.eye(pooler.rank), atol=1e-4, rtol=0)  # PCA directions
+    else:
+        assert type(pooler) is torch.nn.Linear
     with torch.no_grad():
         for layer in model.peftlab.layers.values():
             layer.lora_B.normal_(std=0.05)

@@ -11,13 +11,16 @@ from torch import nn
 
 import peftlab
 from peftlab import kernels
+from peftlab.adapters.base import AdapterLayer
+from peftlab.adapters.registry import config_fields, get_method
 from peftlab.kernels import fusion
 
 from cases import CASES
 from conftest import linear4bit, randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
-LORA_FAMILY = ["lora", "adalora", "increlora", "evalora", "allora"]
-WITH_DROPOUT = ["lora", "adalora", "increlora", "evalora"]  # ALLoRA has no dropout (spec §A3)
+# the methods the fused kernel runs (their layers describe a low-rank product), and those with dropout
+LORA_FAMILY = [m for m in CASES if get_method(m).layer.low_rank_product is not AdapterLayer.low_rank_product]
+WITH_DROPOUT = [m for m in LORA_FAMILY if "lora_dropout" in config_fields(get_method(m).config)]
 
 
 def fixed_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:

@@ -45,3 +45,14 @@ def test_registration_is_validated():
             pass
     with pytest.raises(TypeError, match="must be a dataclass extending AdapterConfig"):
         registry.register("fresh", layer=base.AdapterLayer, peft_type="X")(nn.Linear)
+
+
+def test_every_per_method_table_in_the_tests_covers_the_registry():
+    """A new method cannot slip past the shared tests: every table keyed by method is complete."""
+    from test_trainer import QLORA
+    from train_job import JOB_CONFIGS
+
+    from cases import CASES
+
+    registered = set(peftlab.list_adapters())
+    assert set(CASES) == set(QLORA) == set(JOB_CONFIGS) == registered
