@@ -107,9 +107,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
         merged = merge(model)
     if args.dtype != "float32":
         merged = merged.to(getattr(torch, args.dtype))
-    if four_bit:  # a plain model now: no quantization_config, no quantizer, loads like any other
-        del merged.config.quantization_config
-        merged.hf_quantizer, merged.is_quantized = None, False
     merged.save_pretrained(args.output_dir)
     has_tokenizer = (Path(args.adapter_dir) / "tokenizer_config.json").is_file()
     load_tokenizer(args.adapter_dir if has_tokenizer else record.config.model.path or default_model()).save_pretrained(args.output_dir)
@@ -296,8 +293,8 @@ def _is_runtime(e: Exception) -> bool:
 
     import yaml
 
-    bad_input = (ValueError, TypeError, KeyError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                 PermissionError, re.error, yaml.YAMLError, json.JSONDecodeError)
+    bad_input = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                 NotADirectoryError, PermissionError, re.error, yaml.YAMLError, json.JSONDecodeError)
     return not isinstance(e, bad_input)
 
 

@@ -3,10 +3,13 @@
 Tensor keys are PEFT's (`base_model.model.<module>.lora_A.weight`, adapter name stripped), so a
 peftlab LoRA loads in `peft.PeftModel.from_pretrained` and a PEFT LoRA loads here. A third file,
 peftlab.json, names the peftlab method (EVA and ALLoRA save as plain PEFT LoRA) and the format
-version. Loading is strict; writing is atomic per file (temp file, fsync, rename).
+version; it is written last and holds the SHA-256 of the other two, so a directory whose write
+was interrupted between files is refused at load instead of pairing new weights with an old
+config. Loading is strict (keys, shapes, finite values); every file is written atomically.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -61,7 +64,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    try:
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError:
+        raise ValueError(f"refusing to write a NaN or infinite setting into {path}: {data}") from None
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -90,9 +105,13 @@ def write_adapter_files(model: nn.Module, output_dir: str | os.PathLike, tensors
     }
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"refusing to save an adapter with NaN/inf values (in {', '.join(bad[:4])}); the run diverged")
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _write_json(out / CONFIG_NAME, config)
-    _write_json(out / PEFTLAB_NAME, {"format_version": FORMAT_VERSION, **sidecar})
+    files = {name: _sha256(out / name) for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    _write_json(out / PEFTLAB_NAME, {"format_version": FORMAT_VERSION, **sidecar, "files": files})  # last: seals the set
     return out
 
 
@@ -145,7 +164,19 @@ def _method_for(saved: dict[str, Any], sidecar: dict[str, Any] | None, path: Pat
                 f"{path / PEFTLAB_NAME} has format_version={version!r}, newer than this peftlab reads "
                 f"({FORMAT_VERSION}); upgrade peftlab (pip install -U peftlab)"
             )
-        return get_method(sidecar["method"])
+        if not isinstance(sidecar.get("method"), str):
+            raise ValueError(f"{path / PEFTLAB_NAME} names no method; the adapter directory is damaged")
+        for name, digest in (sidecar.get("files") or {}).items():
+            if _sha256(path / name) != digest:
+                raise ValueError(f"{path / name} is not the file {path / PEFTLAB_NAME} was written with (an "
+                                 "interrupted or mixed write); save the adapter again")
+        method = get_method(sidecar["method"])
+        if saved.get("peft_type") != method.peft_type:
+            hint = (" (an export in HF PEFT's own format: load it with peft.PeftModel.from_pretrained)"
+                    if sidecar.get("exported_as") == "peft" else "")
+            raise ValueError(f"{path / PEFTLAB_NAME} says method {method.name!r} (peft_type {method.peft_type}) but "
+                             f"{path / CONFIG_NAME} has peft_type {saved.get('peft_type')!r}{hint}")
+        return method
     # without peftlab.json, a file's peft_type names its method: LORA -> lora, PEFTLAB_SARA -> sara
     peft_type = str(saved.get("peft_type", ""))
     by_type = {get_method(n).peft_type: get_method(n) for n in list_adapters()
@@ -197,7 +228,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     path = Path(path)
     _, config = read_config(path)
-    tensors = load_file(str(path / WEIGHTS_NAME))
+    try:
+        tensors = load_file(str(path / WEIGHTS_NAME))
+    except Exception as e:  # safetensors' own error names no file
+        raise ValueError(f"{path / WEIGHTS_NAME} cannot be read ({e}); the file is truncated or not safetensors") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path / WEIGHTS_NAME} holds NaN/inf values in {len(bad)} tensors ({', '.join(bad[:3])}); "
+                         "it is damaged or from a diverged run")
     wrap(model, config)
     try:
         _load_tensors(model, tensors, path)

@@ -79,15 +79,24 @@ def set_base_weight(module: nn.Module, weight: Tensor) -> None:
 
 
 @torch.no_grad()
-def dequantized_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
-    """A plain nn.Linear holding the dequantized weight of a Linear4bit (and its bias)."""
-    weight = dequantize(module)
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None,
-                       device=weight.device, dtype=dtype)
-    linear.weight.copy_(weight)
-    if module.bias is not None:
-        linear.bias.copy_(module.bias)
-    return linear.requires_grad_(False)
+def dequantized_module(module: nn.Module, delta: Tensor | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The plain module a Linear4bit stands for, holding its dequantized weight (+ `delta`, in the
+    canonical (d_out, d_in) layout) and bias: nn.Linear, or GPT-2's Conv1D when transformers
+    quantized one (it records `source_cls`), so a saved model loads in its own architecture."""
+    weight = dequantize(module)                                          # (d_out, d_in)
+    if delta is not None:
+        weight = weight + delta.to(weight.dtype)
+    d_out, d_in = weight.shape
+    if issubclass(getattr(module, "source_cls", nn.Linear), Conv1D):
+        plain = Conv1D(d_out, d_in).to(device=weight.device, dtype=dtype)
+        plain.weight.copy_(weight.t())                                   # Conv1D stores (d_in, d_out)
+        plain.bias.copy_(module.bias if module.bias is not None else torch.zeros(d_out))
+    else:
+        plain = nn.Linear(d_in, d_out, bias=module.bias is not None, device=weight.device, dtype=dtype)
+        plain.weight.copy_(weight)
+        if module.bias is not None:
+            plain.bias.copy_(module.bias)
+    return plain.requires_grad_(False)
 
 
 TASKS = ("seq-cls", "causal-lm")

@@ -254,3 +254,30 @@ def test_merge_of_a_4bit_run_goes_onto_the_dequantized_base(tiny_bert, reviews, 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert not any(peftlab.quant.is_4bit(m) for m in merged.modules())
     torch.testing.assert_close(merged(**x).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_errors_are_one_line_with_exit_codes_and_debug_shows_the_traceback(tiny_bert, reviews, tmp_path, capsys):
+    bad_regex = ["train", "--adapter", "lora", "--model", tiny_bert, "--dataset", reviews, "--dry-run", "target_modules=q[("]
+    assert run(*bad_regex) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peftlab: error:") and "Traceback" not in err
+    assert run("--debug", *bad_regex) == 2
+    assert "Traceback" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert run("train", "--adapter", "lora", "--model", tiny_bert, "--dataset", reviews, "--output-dir",
+               tmp_path / "file" / "run", "max_steps=1", "disable_tqdm=true") == 2
+    assert "file" in capsys.readouterr().err
+    assert run("eval", tmp_path / "nowhere") == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume(tiny_bert, reviews, tmp_path, capsys, monkeypatch):
+    def interrupt(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peftlab.Trainer, "_after_step", interrupt)
+    code = run("train", "--adapter", "lora", "--model", tiny_bert, "--dataset", reviews, "--output-dir", tmp_path,
+               "max_steps=4", "disable_tqdm=true")
+    assert code == 130
+    assert "interrupted at step 1; resume with --resume" in capsys.readouterr().err
+    assert not (tmp_path / ".peftlab.lock").exists()

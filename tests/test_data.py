@@ -89,3 +89,9 @@ def test_the_embedded_task_is_deterministic_balanced_and_has_held_out_text():
     assert 0.4 < sum(r["label"] for r in train) / len(train) < 0.6
     assert any(", but " in r["text"] for r in train) and any(" not " in r["text"] for r in train)
     assert len({r["text"] for r in held_out} - {r["text"] for r in train}) > 500
+
+
+def test_a_csv_with_a_utf8_byte_order_mark_reads_its_first_column(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefftext,label\ngreat,1\nbad,0\n".encode("utf-8"))
+    assert read_records(str(path)) == [{"text": "great", "label": 1}, {"text": "bad", "label": 0}]

@@ -108,3 +108,8 @@ def test_controller_is_reachable_and_default_hooks_are_noops():
     assert ctl.state_dict() == {} and ctl.report() == {} and ctl.penalty(0) == 0.0
     with pytest.raises(ValueError, match="no peftlab adapters"):
         peftlab.controller(nn.Linear(2, 2))
+
+
+def test_an_empty_module_name_to_save_is_an_error():
+    with pytest.raises(ValueError, match="modules_to_save has an empty name"):
+        peftlab.wrap(tiny_llama(), "lora", modules_to_save=[""])

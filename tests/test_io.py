@@ -87,12 +87,18 @@ def _edit_json(path, **changes):
     path.write_text(json.dumps(data))
 
 
+def _as_written_by_peft(path, tensors):
+    """Replace the weights and drop peftlab.json, as an adapter another tool wrote would look."""
+    save_file(tensors, str(path / WEIGHTS_NAME))
+    (path / PEFTLAB_NAME).unlink()
+
+
 def test_missing_keys_are_an_error_that_lists_them(tmp_path):
     path = _saved(tmp_path)
     tensors = load_file(str(path / WEIGHTS_NAME))
     dropped = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     del tensors[dropped]
-    save_file(tensors, str(path / WEIGHTS_NAME))
+    _as_written_by_peft(path, tensors)
     base = tiny_llama()
     with pytest.raises(ValueError, match=r"missing keys \(1\): " + dropped.replace(".", r"\.")):
         peftlab.load_adapter(base, path)
@@ -104,7 +110,7 @@ def test_unexpected_keys_are_an_error(tmp_path):
     path = _saved(tmp_path)
     tensors = load_file(str(path / WEIGHTS_NAME))
     tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 32)
-    save_file(tensors, str(path / WEIGHTS_NAME))
+    _as_written_by_peft(path, tensors)
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): .*up_proj\.lora_A\.weight"):
         peftlab.load_adapter(tiny_llama(), path)
 
@@ -171,3 +177,48 @@ def test_interrupted_save_leaves_the_previous_adapter_intact(tmp_path, monkeypat
         peftlab.save_adapter(model, path)
     after = {name: (path / name).read_bytes() for name in os.listdir(path)}
     assert after == before, "no temp file left behind, no file replaced"
+
+
+def test_an_adapter_directory_is_loaded_only_as_the_set_it_was_written_as(tmp_path):
+    """A crash between writing the weights and the config leaves new weights beside the old config
+    and manifest: refused, instead of loading with the wrong scale."""
+    path = _saved(tmp_path)
+    model = peftlab.wrap(tiny_llama(), "lora", r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    randomize_adapters(model, seed=5)
+    save_file(peftlab.io.adapter_state_dict(model), str(path / WEIGHTS_NAME))  # the weights only: then the crash
+    with pytest.raises(ValueError, match="not the file .*peftlab.json was written with"):
+        peftlab.load_adapter(tiny_llama(), path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan", "holds NaN/inf values in 4 tensors"),
+    ("truncate", "cannot be read .* truncated or not safetensors"),
+    ("no_method", "names no method"),
+    ("wrong_method", "says method 'sara' .* but .* has peft_type 'LORA'"),
+])
+def test_damaged_adapters_are_refused_with_the_file_named(damage, message, tmp_path):
+    path = _saved(tmp_path)
+    if damage == "nan":
+        tensors = {k: v * float("nan") if "lora_B" in k else v for k, v in load_file(str(path / WEIGHTS_NAME)).items()}
+        _as_written_by_peft(path, tensors)
+    elif damage == "truncate":
+        data = (path / WEIGHTS_NAME).read_bytes()
+        (path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+        (path / PEFTLAB_NAME).unlink()
+    else:
+        sidecar = json.loads((path / PEFTLAB_NAME).read_text())
+        sidecar.pop("method") if damage == "no_method" else sidecar.update(method="sara")
+        (path / PEFTLAB_NAME).write_text(json.dumps(sidecar))
+    with pytest.raises(ValueError, match=message):
+        peftlab.load_adapter(tiny_llama(), path)
+
+
+def test_nothing_non_finite_is_ever_written(tmp_path):
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number, got nan"):
+        peftlab.wrap(tiny_llama(), "lora", lora_alpha=float("nan"))
+    model = peftlab.wrap(tiny_llama(), "lora", r=4)
+    with torch.no_grad():
+        next(iter(model.peftlab.layers.values())).lora_A.fill_(float("inf"))
+    with pytest.raises(ValueError, match="refusing to save an adapter with NaN/inf values"):
+        peftlab.save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out" / WEIGHTS_NAME).exists()

@@ -214,3 +214,25 @@ def test_gaussian_init_and_disable():
 def test_config_errors(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         peftlab.get_config("lora", **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_merged_model_saves_and_loads_in_its_own_architecture(arch, four_bit, tmp_path):
+    """merge -> save_pretrained -> from_pretrained gives base + adapter's logits for nn.Linear and
+    GPT-2 Conv1D bases, full precision or 4-bit (merged onto the dequantized weights)."""
+    from transformers import AutoModelForCausalLM
+
+    (tiny_llama if arch == "llama" else tiny_gpt2)().save_pretrained(tmp_path / "base")
+    model = peftlab.quant.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=four_bit)
+    peftlab.wrap(model, "lora", r=4)
+    randomize_adapters(model)
+    x = tokens()
+    model.eval()
+    expected = model(x).logits
+    merged = peftlab.merge(model)
+    assert not any(peftlab.quant.is_4bit(m) for m in merged.modules())
+    merged.save_pretrained(tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert getattr(loaded.config, "quantization_config", None) is None
+    torch.testing.assert_close(loaded(x).logits, expected, atol=1e-4, rtol=1e-4)

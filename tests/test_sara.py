@@ -167,6 +167,23 @@ def test_save_load_merge_and_delta(tmp_path):
     assert torch.equal(merged_weight.reshape(-1)[layer.idx], layer.values.detach())
 
 
+@pytest.mark.parametrize("corrupt", ["negative", "repeated", "out_of_range"])
+def test_damaged_indices_are_refused(corrupt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    peftlab.save_adapter(peftlab.wrap(tiny_llama(), "sara", total_step=10, target_fraction=0.1), tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("sara_idx"))
+    idx = tensors[key].clone()
+    idx[1] = {"negative": -3, "repeated": int(idx[0]), "out_of_range": 10 ** 9}[corrupt]
+    tensors[key] = idx
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "peftlab.json").write_text(
+        (tmp_path / "peftlab.json").read_text().replace('"files"', '"_files"'))  # as another tool would write it
+    with pytest.raises(ValueError, match="sara_idx must hold distinct positions"):
+        peftlab.load_adapter(tiny_llama(), tmp_path)
+
+
 def test_module_called_twice_in_one_forward():
     model = sara(nn.Linear(8, 8), threshold=0.5)
     x = torch.randn(3, 8)

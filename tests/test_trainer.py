@@ -112,6 +112,8 @@ def test_interrupted_run_resumes_to_the_bitwise_same_adapter(method, tmp_path):
     assert "resumed from" in resumed.stdout and "checkpoint-4 at step 4" in resumed.stdout
     full, cut = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("full", "cut"))
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:10] == list(range(1, 11)), "one series: what the killed run logged after checkpoint-4 is gone"
 
 
 @pytest.mark.slow
@@ -294,3 +296,49 @@ def test_torch_compile_trains_like_eager_with_the_lifecycle_intact(tmp_path):
     assert eager_report == compiled_report and eager_report["budget"] < 4 * len(model.peftlab.layers)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path):
+    peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=4, save_steps=2, save_total_limit=0),
+                    lm_dataset()).train()
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-2, checkpoint-4\).*--resume"):
+        peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=2, save_steps=1), lm_dataset()).train()
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"], "nothing deleted"
+    peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=3, save_steps=1, save_total_limit=2,
+                                                                    overwrite_output_dir=True), lm_dataset()).train()
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3], "a fresh run starts its own metrics series (3 steps, then the final record)"
+
+
+@pytest.mark.parametrize("change, message", [
+    ("data", "written for other training data"),
+    ("base", "written for another base model"),
+    ("alpha", r"other adapter settings \{'lora_alpha': \(16.0, 32.0\)\}"),
+])
+def test_resume_refuses_another_run(change, message, tmp_path):
+    peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=4, save_steps=2), lm_dataset()).train()
+    model = peftlab.wrap(tiny_llama(seed=1 if change == "base" else 0), "lora", r=4,
+                         lora_alpha=32.0 if change == "alpha" else 16.0)
+    data = lm_dataset(seed=5) if change == "data" else lm_dataset()
+    with pytest.raises(ValueError, match=message):
+        peftlab.Trainer(model, config(tmp_path, max_steps=4, save_steps=2), data).train(resume_from_checkpoint=True)
+
+
+def test_an_output_dir_is_locked_by_its_run(tmp_path):
+    (tmp_path / ".peftlab.lock").write_text("1")  # pid 1 is alive: another run holds the directory
+    with pytest.raises(RuntimeError, match="in use by another peftlab run \\(pid 1\\)"):
+        peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=2), lm_dataset()).train()
+    (tmp_path / ".peftlab.lock").write_text("999999999")  # a process that is gone: its lock is taken over
+    peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=2), lm_dataset()).train()
+    assert not (tmp_path / ".peftlab.lock").exists(), "released when the run ends"
+
+
+def test_skipped_steps_are_not_logged_as_a_loss_and_an_all_skipped_run_fails(tmp_path):
+    model = peftlab.wrap(tiny_llama(), "lora", r=4)
+    model.register_forward_hook(lambda module, args, output: setattr(output, "loss", output.loss * float("nan")) or output)
+    with pytest.raises(NonFiniteLossError, match="every one of the 3 optimizer steps"):
+        peftlab.Trainer(model, config(tmp_path, max_steps=3, max_nonfinite_steps=10), lm_dataset()).train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records and all("loss" not in r and r["skipped_steps"] == r["step"] for r in records)

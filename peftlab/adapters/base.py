@@ -5,6 +5,7 @@ controller (what happens between optimizer steps). See docs/design-notes.md.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable
@@ -25,6 +26,14 @@ def opt(default: Any, doc: str, **kw: Any) -> Any:
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": doc}, **kw)
     return field(default=default, metadata={"help": doc}, **kw)
+
+
+def check_finite(config: Any) -> None:
+    """Every float setting of a config dataclass is a finite number (a NaN alpha trains nothing)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(config).__name__}: {f.name} must be a finite number, got {value}")
 
 
 def _as_tuple(value: Any, name: str) -> tuple[str, ...] | str:
@@ -63,9 +72,12 @@ class AdapterConfig:
             saved = _as_tuple(self.modules_to_save, "modules_to_save")
             if isinstance(saved, str):
                 saved = (saved,)
+            if not all(saved):
+                raise ValueError(f"modules_to_save has an empty name: {list(saved)}; name modules such as 'classifier'")
             object.__setattr__(self, "modules_to_save", saved)
         if self.target_modules in ((), ""):
             raise ValueError("target_modules is empty; name modules to wrap or use 'all-linear'")
+        check_finite(self)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -225,11 +237,10 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merged_module(self) -> nn.Module:
-        """A plain module computing base + adapter; a 4-bit base becomes a dequantized nn.Linear."""
+        """A plain module computing base + adapter; a 4-bit base becomes the dequantized module it
+        replaced (nn.Linear, or GPT-2's Conv1D)."""
         if quant.is_4bit(self.base_layer):
-            linear = quant.dequantized_linear(self.base_layer)
-            linear.weight.add_(self.delta_weight().to(linear.weight.dtype))
-            return linear
+            return quant.dequantized_module(self.base_layer, self.delta_weight())
         if not self.merged:
             self.merge()
         return self.base_layer

@@ -204,8 +204,9 @@ def remove_layers(model: nn.Module, names: list[str]) -> None:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (float32 math, cast once) and return a plain model.
 
-    A 4-bit base is replaced by a float32 nn.Linear holding dequantize(W) + ΔW: re-quantizing
-    would throw most of the update away, so peftlab never does it silently.
+    A 4-bit base is replaced by the float32 module it stood for (nn.Linear or GPT-2's Conv1D)
+    holding dequantize(W) + ΔW: re-quantizing would throw most of the update away, so peftlab
+    never does it silently.
     """
     state = state_of(model)
     dequantized = []
@@ -213,7 +214,11 @@ def merge(model: nn.Module) -> nn.Module:
         if quant.is_4bit(layer.base_layer):
             dequantized.append(name)
         _set_module(model, name, layer.merged_module())
-    if dequantized:
+    if dequantized:  # a plain model now: no quantization config or quantizer, it saves and loads like any other
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model.hf_quantizer, model.is_quantized = None, False
         warnings.warn(
             f"merged {len(dequantized)} 4-bit layers onto their dequantized float32 weights "
             "(not re-quantized, so the update is kept exactly)", stacklevel=2,

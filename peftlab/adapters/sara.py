@@ -99,7 +99,11 @@ class SaRALayer(FoldedLayer):
 
     @torch.no_grad()
     def load_peft_state(self, state: dict[str, Tensor]) -> None:
-        self.idx.copy_(state["sara_idx"])
+        idx, size = state["sara_idx"], self.weight_shape.numel()
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= size or len(torch.unique(idx)) != len(idx)):
+            raise ValueError(f"sara_idx must hold distinct positions in [0, {size}) of the base weight; these are "
+                             "negative, out of range or repeated (a damaged or foreign file)")
+        self.idx.copy_(idx)
         self.base_values.copy_(self.storage_weight().detach().reshape(-1)[self.idx].float())
         self.values.copy_(self.base_values + state["sara_delta"])
         self.frozen.copy_(state["sara_frozen"].bool())

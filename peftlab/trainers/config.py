@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..adapters.base import opt
+from ..adapters.base import check_finite, opt
 
 # transformers' schedules (get_scheduler) that need nothing but the warm-up and the run length
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
@@ -46,6 +46,8 @@ class TrainConfig:
     prepare_batches: int = opt(16, "training batches handed to the adapter's prepare() (EVA)")
     group_by_length: bool = opt(False, "batch examples of similar length together (less padding)")
     disable_tqdm: bool = opt(False, "no progress bars")
+    overwrite_output_dir: bool = opt(False, "start a fresh run in an output_dir that holds an earlier run's "
+                                            "checkpoints (they are deleted); without it that is an error")
     report_to: str = opt("auto", "where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow (comma-separated), "
                                  "none, or auto = tensorboard when it is installed")
 
@@ -54,6 +56,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
 
+        check_finite(self)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "max_nonfinite_steps"):
             value = getattr(self, name)

@@ -47,6 +47,7 @@ from .config import TrainConfig
 STATE_NAME = "trainer_state.json"
 TRAINABLE_NAME = "trainable_state.safetensors"
 METRICS_NAME = "metrics.jsonl"
+LOCK_NAME = ".peftlab.lock"
 
 Batch = dict[str, torch.Tensor]
 
@@ -115,6 +116,13 @@ class Trainer:
     def train(self, resume_from_checkpoint: bool | str = False) -> dict[str, Any]:
         """Train to the configured length; `resume_from_checkpoint=True` continues from the newest
         checkpoint in output_dir (or from the given checkpoint directory) exactly where it stopped."""
+        self._lock()
+        try:
+            return self._train(resume_from_checkpoint)
+        finally:
+            self._unlock()
+
+    def _train(self, resume_from_checkpoint: bool | str) -> dict[str, Any]:
         cfg, ctl = self.config, self.controller
         self.loop = loop = self._start(resume_from_checkpoint)
         bar = tqdm(total=loop.total, initial=loop.step, desc="train", dynamic_ncols=True, mininterval=1.0,
@@ -216,8 +224,10 @@ class Trainer:
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(self.model)
         self.controller.expect_total_steps(total)
+        self.fingerprint = self._fingerprint()
         checkpoint = self._checkpoint_to_resume(resume)
         if checkpoint is None:
+            self._clear_earlier_run()
             self._prepare()
         else:  # adapter shapes (EVA's ranks) and weights first: the optimizer is built over them
             self._check_resumable(checkpoint)
@@ -316,7 +326,7 @@ class Trainer:
             torch.save(loop.scheduler.state_dict(), tmp / "scheduler.pt")
             state = {"step": loop.step, "micro_batches": loop.micro, "nonfinite_steps": self.nonfinite_steps,
                      "nonfinite_total": self.nonfinite_total, "world_size": acc.num_processes,
-                     "config": self.config.to_dict()}
+                     "config": self.config.to_dict(), "fingerprint": self.fingerprint}
             atomic_write(tmp / STATE_NAME, lambda p: Path(p).write_text(json.dumps(state, indent=2)))
         acc.wait_for_everyone()
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -347,10 +357,73 @@ class Trainer:
                 param.copy_(saved[name])
 
     def _rotate_checkpoints(self) -> None:
+        """Keep the newest save_total_limit checkpoints of this run; never touch another run's."""
         limit = self.config.save_total_limit
         if limit:
-            for old in checkpoints(self.output_dir)[:-limit]:
+            ours = [c for c in checkpoints(self.output_dir)
+                    if json.loads((c / STATE_NAME).read_text()).get("fingerprint") == self.fingerprint]
+            for old in ours[:-limit]:
                 shutil.rmtree(old)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What defines the run, checked on resume: the frozen base (names, shapes and a sample of
+        values, so another model of the same shapes differs), the adapter config, the data."""
+        base = hashlib.sha256()
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                flat = p.detach().reshape(-1)
+                sample = torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy().tobytes()
+                base.update(f"{name}{tuple(p.shape)}".encode() + sample)
+        data = hashlib.sha256(str(len(self.train_dataset)).encode())
+        every = max(1, len(self.train_dataset) // 2048)  # at most ~2048 examples: cheap for big datasets
+        for i in range(0, len(self.train_dataset), every):
+            for key, value in sorted(self.train_dataset[i].items()):
+                data.update(key.encode() + torch.as_tensor(value).numpy().tobytes())
+        adapter = json.loads(json.dumps(self.model.peftlab.config.to_dict(), default=str))
+        return {"base_model": base.hexdigest()[:16], "adapter": adapter, "data": data.hexdigest()[:16]}
+
+    def _clear_earlier_run(self) -> None:
+        """A fresh run never mixes with the checkpoints of an earlier one in its output_dir."""
+        earlier = checkpoints(self.output_dir)
+        if not earlier:
+            return
+        names = ", ".join(p.name for p in earlier)
+        if not self.config.overwrite_output_dir:
+            raise ValueError(f"{self.output_dir} holds checkpoints of an earlier run ({names}); resume it with "
+                             "resume_from_checkpoint=True (CLI: --resume), choose another output_dir, or set "
+                             "overwrite_output_dir=true to delete them and start over")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            for path in earlier:
+                shutil.rmtree(path)
+            self.accelerator.print(f"peftlab: overwrite_output_dir: deleted the earlier run's {names}")
+        self.accelerator.wait_for_everyone()
+
+    def _lock(self) -> None:
+        """One run per output_dir: a lock file with the owner's pid; a dead owner's lock is taken over."""
+        if not self.accelerator.is_main_process:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / LOCK_NAME
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = path.read_text().strip()
+                pid = int(owner) if owner.isdigit() else 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise RuntimeError(f"{self.output_dir} is in use by another peftlab run (pid {pid}); wait for it "
+                                       "to finish or choose another output_dir") from None
+                self.accelerator.print(f"peftlab: taking over the stale lock of a process that is gone (pid {owner})")
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return
+
+    def _unlock(self) -> None:
+        if self.accelerator.is_main_process:
+            (self.output_dir / LOCK_NAME).unlink(missing_ok=True)
 
     def _checkpoint_to_resume(self, resume: bool | str) -> Path | None:
         if not resume:
@@ -374,7 +447,18 @@ class Trainer:
             raise ValueError(
                 f"{path} was written by {state['world_size']} processes but this run has {acc.num_processes}; "
                 "exact resume needs the same process count (the data order depends on it)")
-        ignored = ("output_dir", "disable_tqdm", "report_to")
+        saved, now = state.get("fingerprint") or {}, self.fingerprint
+        if saved.get("base_model") != now["base_model"]:
+            raise ValueError(f"{path} was written for another base model; resume with the model it trained")
+        if saved.get("data") != now["data"]:
+            raise ValueError(f"{path} was written for other training data; resume with the same dataset and data "
+                             "settings, or start a fresh run from its adapter")
+        adapter = saved.get("adapter") or {}
+        changed = {k: (adapter.get(k), v) for k, v in now["adapter"].items() if adapter.get(k) != v}
+        if changed:
+            raise ValueError(f"{path} was written with other adapter settings {changed} (saved, now); resume with "
+                             "the same adapter config")
+        ignored = ("output_dir", "disable_tqdm", "report_to", "overwrite_output_dir")
         saved = {k: v for k, v in state["config"].items() if k not in ignored}
         changed = {k: (v, getattr(self.config, k)) for k, v in saved.items() if getattr(self.config, k) != v}
         if changed:
@@ -478,6 +562,16 @@ def _trackers(report_to: str) -> list[str] | None:
             raise ValueError(f"report_to={name} needs the {packages[name][0]} package: pip install {packages[name][0]} "
                              "(or report_to=none)")
     return names
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _installed(package: str) -> bool:
