@@ -62,7 +62,7 @@ def test_budget_schedule():
     budgets = [ctl.budget(t)[0] for t in range(100)]
     assert budgets[:11] == [b0] * 11 and budgets[70] == bT and budgets[71:] == [bT] * 29
     assert all(x >= y for x, y in zip(budgets, budgets[1:]))
-    for t in (20, 40, 55):  # closed form, spec §2.5
+    for t in (20, 40, 55):  # closed form of eq. 12
         assert budgets[t] == int(bT + (b0 - bT) * (1 - (t - 10) / 60) ** 3)
     masks = [t for t in range(100) if ctl.budget(t)[1]]
     assert masks == [15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70] + list(range(71, 100))

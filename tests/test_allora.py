@@ -1,4 +1,4 @@
-"""ALLoRA's spec oracles (specs/allora-sara.md §A11)."""
+"""ALLoRA (arXiv:2410.09692): row coefficients, gradient scaling, and the plain-LoRA file."""
 import pytest
 import torch
 from torch import nn

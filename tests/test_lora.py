@@ -1,4 +1,4 @@
-"""LoRA's spec oracles (specs/lora-adalora-increlora.md §5): identity at init, gradients at init,
+"""LoRA (arXiv:2106.09685): identity at init, gradients at init,
 merge equivalence on Linear / GPT-2 Conv1D / 4-bit Linear, Conv1D parity, scaling, dropout."""
 import math
 

@@ -1,4 +1,4 @@
-"""RandLoRA's spec oracles (specs/evalora-randlora.md §II.15) and PEFT export."""
+"""RandLoRA (arXiv:2502.00987): shared bases, full rank, regeneration, and PEFT export."""
 import math
 import warnings
 
@@ -47,7 +47,7 @@ def test_bases_are_shared_seeded_and_unit_std():
     assert len({l.bases.A.data_ptr() for l in layers}) == 1 and len({l.bases.B.data_ptr() for l in layers}) == 1
     assert len({l.randlora_lambda.data_ptr() for l in layers}) == len(layers)
     bases = layers[0].bases
-    assert bases.A.shape == (8, 1, 32) and bases.B.shape == (64, 4, 8)  # max of per-layer min / max (spec II.4)
+    assert bases.A.shape == (8, 1, 32) and bases.B.shape == (64, 4, 8)  # max of per-layer min / max dimension
     again, other = RandomBases(8, 32, 64, seed=0), RandomBases(8, 32, 64, seed=1)
     assert torch.equal(again.A, bases.A.cpu()) and torch.equal(again.B, bases.B.cpu())
     assert not torch.equal(other.A, again.A)

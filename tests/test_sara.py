@@ -1,4 +1,4 @@
-"""SaRA's spec oracles (specs/allora-sara.md §B13) and the memory claim on the packaged MiniLM."""
+"""SaRA (arXiv:2409.06633): selection, sparse updates, nuclear norm, re-selection, and memory on MiniLM."""
 import pytest
 import torch
 from torch import nn
