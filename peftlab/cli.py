@@ -151,6 +151,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a trained causal-LM adapter (its base loaded as trained, 4-bit too), through the
+    tokenizer's chat template, streaming tokens; --interactive keeps a conversation going."""
+    import torch
+    from transformers import TextStreamer
+
+    from .run import load_tokenizer
+
+    record, model = _adapted_base(args)
+    if record.config.model.task != "causal-lm":
+        raise ValueError(f"{args.adapter_dir} is a {record.config.model.task} run; generate needs a causal LM")
+    has_tokenizer = (Path(args.adapter_dir) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(args.adapter_dir if has_tokenizer else record.config.model.path)
+    model.eval()
+    history = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(text: str) -> str:
+        history.append({"role": "user", "content": text})
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer("\n".join(m["content"] for m in history), return_tensors="pt")["input_ids"]
+        sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else dict(do_sample=False)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling)
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        history.append({"role": "assistant", "content": answer})
+        return answer
+
+    if not args.interactive:
+        if not args.prompt:
+            raise ValueError("pass --prompt TEXT, or --interactive for a conversation")
+        reply(args.prompt)
+        return 0
+    print("peftlab: interactive; an empty line or Ctrl-D ends the conversation")
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            return 0
+        if not text:
+            return 0
+        reply(text)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train several methods on the same data at a matched parameter budget; table + plot."""
     from .compare import compare
@@ -245,7 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = command("eval", cmd_eval, "evaluate a trained adapter", "peftlab eval runs/evalora")
     v.add_argument("--dataset", help="evaluate on this data's held-out tail instead")
-    for p in (m, e, v):
+
+    g = command("generate", cmd_generate, "generate text from a trained causal-LM adapter",
+                'peftlab generate runs/chat --prompt "Name three uses of vinegar."')
+    g.add_argument("--prompt", help="the user message")
+    g.add_argument("--interactive", action="store_true", help="a conversation on the terminal")
+    g.add_argument("--system", help="a system prompt (when the chat template has a system role)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
+    for p in (m, e, v, g):
         p.add_argument("adapter_dir", help="a run's output directory, or any adapter directory")
         p.add_argument("--model", help="base model (default: the one the run or adapter_config.json names)")
     for p in (m, e):

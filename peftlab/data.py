@@ -228,30 +228,100 @@ def _integer_label(value: Any) -> int | None:
     return None
 
 
-def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_length: int,
-                       packing: bool = False) -> list[dict[str, Any]]:
-    """Plain `text` (loss on every token), or `prompt` + `response` (loss on the response only; the
-    tokenizer's chat template is used when it has one). With `packing`, examples are concatenated
-    and cut into blocks of max_length (no padding)."""
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+def conversation(row: dict[str, Any], source: str, number: int) -> list[dict[str, str]] | None:
+    """A row as chat messages: OpenAI `messages` (role/content), ShareGPT `conversations`
+    (from/value), alpaca `instruction` [+ `input`] + `output`, or `prompt` + `response`; None for
+    a plain `text` row."""
+    where = f"{source}, row {number}"
+    if "messages" in row or "conversations" in row:
+        key = "messages" if "messages" in row else "conversations"
+        turns = row[key]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{where}: {key!r} must be a non-empty list of turns")
+        messages = []
+        for turn in turns:
+            role, content = (turn.get("role"), turn.get("content")) if key == "messages" else (turn.get("from"), turn.get("value"))
+            if role not in ROLES or not isinstance(content, str):
+                raise ValueError(f"{where}: each turn needs a role in {sorted(ROLES)} and text content, got "
+                                 f"{str(turn)[:120]}")
+            messages.append({"role": ROLES[role], "content": content})
+    elif "instruction" in row or "output" in row:
+        instruction, output = _text(row, "instruction", source, number), _text(row, "output", source, number)
+        extra = str(row.get("input") or "")
+        messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+                    {"role": "assistant", "content": output}]
+    elif "prompt" in row or "response" in row:
+        messages = [{"role": "user", "content": _text(row, "prompt", source, number)},
+                    {"role": "assistant", "content": _text(row, "response", source, number)}]
+    else:
+        return None
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: the conversation has no assistant turn, so nothing to learn")
+    return messages
+
+
+def encode_chat(messages: list[dict[str, str]], tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with the loss on the assistant turns only. With a chat template each
+    assistant turn's tokens are found by rendering the conversation up to it (the template must
+    render a prefix of a conversation as a prefix of its tokens); without one the turns are
+    joined as plain text, each assistant turn followed by EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        full = list(_ids(tokenizer.apply_chat_template(messages, tokenize=True)))
+        labels = [-100] * len(full)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            head = list(_ids(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=True)))
+            upto = list(_ids(tokenizer.apply_chat_template(messages[:i + 1], tokenize=True)))
+            if full[:len(upto)] != upto or upto[:len(head)] != head:
+                raise ValueError(f"{where}: the tokenizer's chat template does not render the conversation up to "
+                                 "a turn as a prefix of the whole, so the assistant tokens cannot be located")
+            labels[len(head):len(upto)] = upto[len(head):]
+        return full, labels
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    features = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for message in messages:
+        piece = tokenizer(message["content"], add_special_tokens=not ids)["input_ids"]
+        if message["role"] == "assistant":
+            piece = piece + eos
+        ids += piece
+        labels += piece if message["role"] == "assistant" else [-100] * len(piece)
+    return ids, labels
+
+
+def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_length: int,
+                       packing: bool = False, drop_truncated: bool = False) -> list[dict[str, Any]]:
+    """Plain `text` rows train on every token; conversations (see `conversation`) on the assistant
+    turns only. An example whose every target token falls beyond max_length is an error (or, with
+    `drop_truncated`, dropped with a note): training on it would teach nothing. With `packing`,
+    examples are concatenated and cut into blocks of max_length (no padding)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    features, emptied = [], []
     for number, row in enumerate(rows, 1):
-        if "prompt" in row or "response" in row:
-            prompt, response = (_text(row, c, source, number) for c in ("prompt", "response"))
-            if getattr(tokenizer, "chat_template", None):
-                messages = [{"role": "user", "content": prompt}]
-                head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=True)
-                head, full = list(_ids(head)), list(_ids(full))
-            else:
-                head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-                full = head + tokenizer(response, add_special_tokens=False)["input_ids"] + eos
-            labels = [-100] * len(head) + full[len(head):]
-        else:
+        messages = conversation(row, source, number)
+        if messages is None:
             full = tokenizer(_text(row, "text", source, number))["input_ids"] + eos
             labels = list(full)
+        else:
+            full, labels = encode_chat(messages, tokenizer, f"{source}, row {number}")
         limit = None if packing else max_length  # packed examples are cut into blocks below, not truncated
+        if all(label == -100 for label in labels[:limit]):
+            emptied.append((number, len(full)))
+            continue
         features.append({"input_ids": full[:limit], "labels": labels[:limit]})
+    if emptied:
+        number, length = emptied[0]
+        message = (f"{source}: {len(emptied)} of {len(rows)} examples have no target tokens within max_length={max_length} "
+                   f"(e.g. row {number}, {length} tokens): their responses were truncated away")
+        if not drop_truncated:
+            raise ValueError(f"{message}. Raise max_length, or drop them with drop_truncated=true")
+        print(f"peftlab: {message}; dropped (drop_truncated=true)")
+        if not features:
+            raise ValueError(f"{source}: every example lost its target tokens to truncation; raise max_length")
     if packing:
         ids = [t for f in features for t in f["input_ids"]]
         labels = [t for f in features for t in f["labels"]]
@@ -261,6 +331,17 @@ def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_l
             raise ValueError(f"{source}: fewer than max_length={max_length} tokens in total; nothing to pack")
     return [{"input_ids": torch.tensor(f["input_ids"]), "attention_mask": torch.ones(len(f["input_ids"]), dtype=torch.long),
              "labels": torch.tensor(f["labels"])} for f in features]
+
+
+def check_tokenizer_for_chat(tokenizer) -> list[str]:
+    """Warnings worth printing before training a causal LM with this tokenizer."""
+    notes = []
+    if tokenizer.eos_token_id is None:
+        notes.append("the tokenizer has no EOS token: examples end without one, so the model will not learn to stop")
+    if not getattr(tokenizer, "chat_template", None):
+        notes.append("the tokenizer has no chat template: conversation turns are joined as plain text, each assistant "
+                     "turn followed by EOS (give the tokenizer a chat template for a chat format)")
+    return notes
 
 
 def _ids(encoded: Any) -> list[int]:

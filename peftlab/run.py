@@ -61,6 +61,8 @@ class DataConfig:
     label_column: str = opt("label", "column holding the integer class id (seq-cls)")
     eval_fraction: float = opt(0.1, "held-out tail of the dataset used for evaluation, in (0, 1)")
     packing: bool = opt(False, "causal-lm: concatenate examples into max_length blocks")
+    drop_truncated: bool = opt(False, "causal-lm: drop examples whose response lies wholly beyond max_length "
+                                      "(without it they are an error)")
 
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 1:
@@ -243,13 +245,18 @@ def build_data(config: RunConfig, tokenizer, context: int | None = None) -> tupl
         if cut >= len(rows):
             raise ValueError(f"{data.dataset} has {len(rows)} examples: too few to hold out an eval split")
         splits = [(data.dataset, rows[:cut]), (f"{data.dataset} (held-out tail)", rows[cut:])]
+    if task == "causal-lm":
+        chat = any(datalib.conversation(row, "", 0) is not None for row in splits[0][1][:100])
+        for note in datalib.check_tokenizer_for_chat(tokenizer)[: 2 if chat else 1]:
+            print(f"peftlab: note: {note}")
     out = []
     for source, rows in splits:
         if task == "seq-cls":
             out.append(datalib.classification_features(rows, tokenizer, source, config.model.num_labels, max_length,
                                                        data.text_column, data.pair_column, data.label_column))
         else:
-            out.append(datalib.causal_lm_features(rows, tokenizer, source, max_length, data.packing))
+            out.append(datalib.causal_lm_features(rows, tokenizer, source, max_length, data.packing,
+                                                  data.drop_truncated))
     return out[0], out[1], [source for source, _ in splits]
 
 

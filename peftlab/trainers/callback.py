@@ -5,7 +5,10 @@
 Event mapping (the Trainer fires them once per optimizer step, after gradient accumulation and
 clipping): on_train_begin -> prepare (no optimizer step is consumed), on_pre_optimizer_step ->
 before_optimizer_step, on_optimizer_step -> after_optimizer_step (before zero_grad), on_save ->
-the adapter in PEFT format plus the controller state in the checkpoint, on_log -> report().
+the controller state in the checkpoint, on_log -> report(). While the Trainer holds the model,
+its `save_pretrained` (so `save_model()` and every checkpoint) writes the adapter in PEFT format,
+not the wrapped model under peftlab's internal names; a checkpoint also gets the trainable tensors
+as `model.safetensors`, which is what transformers' own resume reads back.
 The controller's penalty joins the loss through a forward hook, scaled so that it counts once per
 optimizer step whatever the Trainer does to the loss. Without this callback an AdaLoRA model under
 the HF Trainer never changes rank (PEFT #1801); with it, it follows its schedule.
@@ -17,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..adapters.inject import controller as controller_of
+from ..io import save_adapter
 
 STATE_FILE = "peftlab_controller.pt"
 
@@ -43,6 +48,12 @@ class PeftlabCallback(TrainerCallback):
     @property
     def controller(self):
         return controller_of(self.model)
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: nn.Module | None = None, **kwargs: Any):
+        self.model = self.model if self.model is not None else model
+        if self.model is not None:
+            _save_adapter_while_wrapped(self.model)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, **kwargs: Any):
@@ -112,6 +123,8 @@ class PeftlabCallback(TrainerCallback):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             path.mkdir(parents=True, exist_ok=True)
             torch.save(self.controller.state_dict(), path / STATE_FILE)
+            trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(trainable, str(path / "model.safetensors"), metadata={"format": "pt"})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self._hook is not None:
@@ -123,3 +136,21 @@ class PeftlabCallback(TrainerCallback):
         if logs is not None and self.model is not None:
             logs.update({f"peftlab/{k}": v for k, v in self.controller.report().items()
                          if isinstance(v, (int, float)) and math.isfinite(v)})
+
+
+def _save_adapter_while_wrapped(model: nn.Module) -> None:
+    """The model's save_pretrained writes its adapter (as a PeftModel's does) while it is wrapped,
+    and the model's own method again after unwrap/merge. transformers' resume loads
+    model.safetensors non-strictly; the frozen names are declared ignorable so it does not list
+    every base weight as missing."""
+    if "save_pretrained" in vars(model):
+        return
+
+    def save_pretrained(save_directory, *args: Any, is_main_process: bool = True, **kwargs: Any) -> None:
+        if not hasattr(model, "peftlab"):
+            return type(model).save_pretrained(model, save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            save_adapter(model, save_directory)
+
+    model.save_pretrained = save_pretrained
+    model._keys_to_ignore_on_save = [n for n, p in model.named_parameters() if not p.requires_grad]
