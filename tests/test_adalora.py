@@ -143,7 +143,7 @@ def test_merge_with_masked_triplets_and_save_load_round_trip(tmp_path):
     loaded = peftlab.load_adapter(tiny_llama(), tmp_path)
     assert torch.equal(loaded(x).logits, expected)
     assert [l.rank for l in loaded.peftlab.layers.values()][:2] == [2, 0]
-    assert all(l.scale == pytest.approx(64 / (6 + 1e-5)) for l in loaded.peftlab.layers.values())  # α / r0
+    assert all(l.scale == pytest.approx(16 / (6 + 1e-5)) for l in loaded.peftlab.layers.values())  # α / r0
     torch.testing.assert_close(peftlab.merge(model)(x).logits, expected, atol=1e-5, rtol=1e-5)
     assert ctl.report()["budget"] == 2 + 0 + 6 + 6
 
@@ -184,7 +184,7 @@ def test_equals_peft_step_by_step_with_its_regularizer():
     settings = dict(init_r=6, target_r=2, total_step=24, tinit=3, tfinal=6, deltaT=2, beta1=0.85, beta2=0.85,
                     orth_reg_weight=0.3, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     theirs = get_peft_model(tiny_llama(), AdaLoraConfig(task_type="CAUSAL_LM", **settings)).train()
-    ours = adalora(**settings).train()
+    ours = adalora(**settings, e_scale=1.0).train()  # PEFT's parametrization: E a plain parameter
     names = list(ours.peftlab.layers)
     with torch.no_grad():
         for name in names:
@@ -271,3 +271,36 @@ def test_trainer_refuses_a_schedule_for_another_run_length(tmp_path):
     cfg = peftlab.TrainConfig(output_dir=str(tmp_path), max_steps=20, disable_tqdm=True)
     with pytest.raises(ValueError, match="total_step=50 but training runs 20 optimizer steps"):
         peftlab.Trainer(model, cfg, lm_dataset()).train()
+
+
+@pytest.mark.parametrize("method, settings", [("adalora", {}), ("increlora", {}), ("randlora", {})])
+def test_default_first_steps_change_the_update_as_much_as_loras(method, settings):
+    """The drop-in property behind the defaults: on a 384-wide layer (MiniLM's), one AdamW step at the
+    same learning rate from the initial state moves ΔW by about as much as LoRA's defaults do
+    (within 2x), so one learning rate serves every method. PEFT's parametrizations move ~6-20x
+    less (AdaLoRA: E a plain parameter) or more (RandLoRA: alpha 640)."""
+    torch.manual_seed(0)
+    x, target = torch.randn(64, 384), torch.randn(64, 384)
+
+    def first_step_change(name, **kwargs):
+        model = torch.nn.Sequential()
+        model.add_module("proj", torch.nn.Linear(384, 384))
+        peftlab.wrap(model, name, target_modules=["proj"], **kwargs)
+        ctl = peftlab.controller(model)
+        ctl.expect_total_steps(100)
+        optimizer = adapter_optimizer(model, lr=1e-3)
+        layer = model.peftlab.layers["proj"]
+        before = layer.delta_weight()
+        for step in range(3):  # AdaLoRA's and IncreLoRA's A, B move once E is non-zero
+            ((model(x) - target) ** 2).mean().backward()
+            ctl.before_optimizer_step(step)
+            optimizer.step()
+            ctl.after_optimizer_step(step)
+            optimizer.zero_grad()
+        return (layer.delta_weight() - before).norm().item()
+
+    lora = first_step_change("lora")
+    ours = first_step_change(method, **settings)
+    assert 0.5 < ours / lora < 2, (method, ours / lora)
+    if method == "adalora":  # PEFT's parametrization, for contrast
+        assert first_step_change("adalora", e_scale=1.0) / lora < 0.2

@@ -281,3 +281,22 @@ def test_ctrl_c_says_how_to_resume(tiny_bert, reviews, tmp_path, capsys, monkeyp
     assert code == 130
     assert "interrupted at step 1; resume with --resume" in capsys.readouterr().err
     assert not (tmp_path / ".peftlab.lock").exists()
+
+
+def test_recipes_and_python_defaults_are_one_source():
+    """What `peftlab train --adapter X` uses is what `peftlab.wrap(model, X)` uses, and every method
+    trains at the same learning rate: swapping methods needs no re-tuning."""
+    from dataclasses import MISSING, fields
+
+    from peftlab import run as runlib
+
+    rates = set()
+    for method in METHODS:
+        recipe = runlib.load_recipe(None, method)
+        config_cls = peftlab.adapters.get_method(method).config
+        defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(config_cls)}
+        for key, value in (recipe.get("adapter_config") or {}).items():
+            expected = defaults[key]
+            assert value == (list(expected) if isinstance(expected, tuple) else expected), (method, key, value, expected)
+        rates.add(recipe["train"]["learning_rate"])
+    assert rates == {1e-3}

@@ -37,7 +37,7 @@ def test_step0_reserves_and_identity(advance):
     peftlab.controller(model).before_optimizer_step(0)
     for layer in model.peftlab.layers.values():
         assert int(layer.reserve.sum()) == 1 and layer.rank == 1
-        assert layer.lora_E[layer.reserve].item() == pytest.approx(1e-5 if advance else 0.0, abs=1e-12)
+        assert layer.singular_values()[layer.reserve].item() == pytest.approx(1e-5 if advance else 0.0, abs=1e-12)
     out = model(x).logits
     if advance:
         assert 0 < (out - base).abs().max() < 1e-3

@@ -115,6 +115,7 @@ def test_saved_file_holds_diagonals_not_bases_and_reloads_bit_identically(tmp_pa
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["bases_checksum"] = "0" * 16
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "peftlab.json").unlink()  # as another tool would write it (no manifest)
     with pytest.raises(ValueError, match="regenerated random bases do not match the saved checksum"):
         peftlab.load_adapter(tiny_llama(), tmp_path)
 

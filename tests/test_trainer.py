@@ -217,7 +217,7 @@ def test_qlora_4bit_base_trains(method, tmp_path):
     assert any(peftlab.quant.is_4bit(m) for m in model.modules())
     peftlab.wrap(model, method, **QLORA[method])
     assert all(peftlab.quant.is_4bit(l.base_layer) for l in model.peftlab.layers.values())
-    trainer = peftlab.Trainer(model, config(tmp_path / "run", max_steps=30, learning_rate=2e-2, warmup_steps=0),
+    trainer = peftlab.Trainer(model, config(tmp_path / "run", max_steps=30, learning_rate=1e-2, warmup_steps=0),
                               lm_dataset(num_starts=4), eval_dataset=lm_dataset(8, seed=1, num_starts=4))
     before = trainer.evaluate()["eval_loss"]
     after = trainer.train()["eval_loss"]

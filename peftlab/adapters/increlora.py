@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import kernels
+from .. import kernels, quant
 from .base import AdapterConfig, AdapterLayer, ScheduledController, opt
 from .registry import register
-from .svd import SVDLinear, orthogonality_penalty
+from .svd import SVDLinear, matched_e_scale, orthogonality_penalty
 
 RESERVE_E = 1e-5
 
@@ -36,7 +36,9 @@ RESERVE_E = 1e-5
 class IncreLoRALinear(SVDLinear):
     def __init__(self, base_layer: nn.Module, config: "IncreLoRAConfig", name: str):
         ranknum = config.rank_pattern.get(name, config.init_r)
-        super().__init__(base_layer, config.max_rank, config.lora_alpha, ranknum, config.lora_dropout)
+        d_in = quant.base_shape(base_layer)[0]
+        e_scale = config.e_scale if config.e_scale is not None else matched_e_scale(config.init_r, config.target_r, d_in)
+        super().__init__(base_layer, config.max_rank, config.lora_alpha, ranknum, config.lora_dropout, e_scale)
         reserves = config.reserve_pattern.get(name, 0)
         self.active.zero_()[:ranknum] = True
         self.register_buffer("reserve", torch.zeros_like(self.active), persistent=False)
@@ -49,7 +51,7 @@ class IncreLoRALinear(SVDLinear):
         return self.active | self.reserve
 
     def singular_values(self) -> Tensor:
-        return self.lora_E * self.live[:, None]  # rows above the live ones are unused capacity
+        return super().singular_values() * self.live[:, None]  # rows above the live ones are unused capacity
 
     @property
     def scoring(self) -> bool:
@@ -122,7 +124,7 @@ class IncreLoRAController(ScheduledController):
         rows = torch.arange(start, min(start + count, layer.active.numel()), device=layer.active.device)
         layer.lora_A[rows] = torch.randn(len(rows), layer.in_features, device=rows.device) * 0.02
         layer.lora_B[:, rows] = torch.randn(layer.out_features, len(rows), device=rows.device) * 0.02
-        layer.lora_E[rows] = RESERVE_E if self.config.advance_learn else 0.0
+        layer.lora_E[rows] = RESERVE_E / layer.e_scale if self.config.advance_learn else 0.0
         layer.reserve[rows] = True
         if self.config.advance_learn:
             self._birth(name, rows, ("lora_A", "lora_B"), step)
@@ -222,7 +224,7 @@ class IncreLoRAController(ScheduledController):
                 for key, born in (("lora_A", self.ab_born[name]), ("lora_E", self.e_born[name]),
                                   ("lora_B", self.ab_born[name])):
                     self._fresh_update(layer.adapter_parameters()[key], before[key], born, step, key == "lora_B")
-            layer.lora_E[layer.reserve] = RESERVE_E if self.config.advance_learn else 0.0
+            layer.lora_E[layer.reserve] = RESERVE_E / layer.e_scale if self.config.advance_learn else 0.0
             layer.lora_E[~layer.live] = 0.0
         self.snapshot = {}
 
@@ -308,7 +310,8 @@ class IncreLoRAConfig(AdapterConfig):
 
     total_step: int | None = opt(None, "optimizer steps of the whole run, over which growth is laid out; "
                                        "None: the trainer fills in the run's length")
-    init_r: int = opt(2, "rank every module starts with")
+    # the paper's runs start at 1-2; in short runs a rank-2 start stays below LoRA's accuracy at the same budget
+    init_r: int | None = opt(None, "rank every module starts with; None = target_r // 2")
     target_r: int = opt(8, "average rank the global budget grows to (total = target_r x modules)")
     rank_step: int | None = opt(None, "components a module gains per growth (incre_rank_num); default target_r // 2")
     top_h: int | None = opt(None, "modules that grow per round; default a quarter of the modules")
@@ -321,8 +324,11 @@ class IncreLoRAConfig(AdapterConfig):
     orth_reg_weight: float = opt(0.1, "γ of the orthogonality regularizer over active and reserve components")
     beta1: float = opt(0.85, "EMA factor of the module score")
     beta2: float = opt(0.85, "EMA factor of the score's uncertainty")
-    lora_alpha: float = opt(64.0, "the update is scaled by lora_alpha / ranknum (the live rank); as AdaLoRA's, "
-                                  "its E starts at 0, so a larger alpha than LoRA's")
+    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / ranknum (the live rank); with e_scale=None "
+                                  "it starts training like a LoRA of this alpha and r = target_r")
+    # the paper trains E as a plain parameter (g = 1), which needs a several times larger learning rate than LoRA
+    e_scale: float | None = opt(None, "g, a fixed factor on the stored singular values (an Adam lr multiplier on them); "
+                                      "None = per layer so the first steps match LoRA's; 1 = the paper's parametrization")
     lora_dropout: float = opt(0.0, "dropout on the adapter branch's input")
     rank_pattern: dict[str, int] = opt({}, "live rank per module (written on save, read on load)")
     reserve_pattern: dict[str, int] = opt({}, "reserve components per module (written on save, read on load)")
@@ -331,6 +337,8 @@ class IncreLoRAConfig(AdapterConfig):
         super().__post_init__()
         if self.total_step is not None and self.total_step < 1:
             raise ValueError(f"increlora total_step must be >= 1, got {self.total_step!r}")
+        if self.init_r is None:
+            object.__setattr__(self, "init_r", max(1, self.target_r // 2))
         rank_step = self.rank_step or max(1, self.target_r // 2)
         object.__setattr__(self, "rank_step", rank_step)
         # top_h >= n/4 means at most ceil(4(target - init) / rank_step) rounds per module

@@ -1,11 +1,16 @@
 """The SVD-shaped update that AdaLoRA and IncreLoRA share (AdaLoRA, arXiv:2303.10512, eq. 3):
 
-    ΔW = c · P Λ Q = c · B (A ⊙ E),   A: (rows, d_in), E: (rows, 1), B: (d_out, rows)
+    ΔW = c · P Λ Q = c · B (A ⊙ g·E),   A: (rows, d_in), E: (rows, 1), B: (d_out, rows)
+
+g (`e_scale`) is a fixed per-layer factor on the stored singular values; under Adam it is exactly a
+learning-rate multiplier on them (see `matched_e_scale`). Files hold g·E, PEFT's singular values.
 
 plus the two pieces of their controllers that are the same math: the orthogonality regularizer
 on P and Q, and the sensitivity moving averages that score a parameter's importance.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -19,14 +24,15 @@ class SVDLinear(AdapterLayer):
     rank, and a masked triplet has E_i == 0. A and B start at N(0, 0.02²), E at 0, as the
     released code does, so the wrapped model equals the base at step 0."""
 
-    def __init__(self, base_layer: nn.Module, rows: int, alpha: float, ranknum: float, dropout: float):
+    def __init__(self, base_layer: nn.Module, rows: int, alpha: float, ranknum: float, dropout: float,
+                 e_scale: float = 1.0):
         super().__init__(base_layer)
         device = next(base_layer.parameters()).device
         self.lora_A = nn.Parameter(torch.randn(rows, self.in_features, device=device) * 0.02)   # (rows, d_in)
         self.lora_E = nn.Parameter(torch.zeros(rows, 1, device=device))                         # (rows, 1)
         self.lora_B = nn.Parameter(torch.randn(self.out_features, rows, device=device) * 0.02)  # (d_out, rows)
         self.register_buffer("active", torch.ones(rows, dtype=torch.bool, device=device), persistent=False)
-        self.alpha, self.ranknum = alpha, float(ranknum)
+        self.alpha, self.ranknum, self.e_scale = alpha, float(ranknum), float(e_scale)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     @property
@@ -41,8 +47,8 @@ class SVDLinear(AdapterLayer):
         return {"lora_A": self.lora_A, "lora_E": self.lora_E, "lora_B": self.lora_B}
 
     def singular_values(self) -> Tensor:
-        """E as the forward uses it (a masked AdaLoRA triplet may revive between masks: no mask here)."""
-        return self.lora_E
+        """g·E as the forward uses it (a masked AdaLoRA triplet may revive between masks: no mask here)."""
+        return self.lora_E * self.e_scale
 
     def low_rank_product(self) -> kernels.LowRankProduct | None:
         return kernels.LowRankProduct(self.lora_A * self.singular_values(), self.lora_B, self.scale,
@@ -76,17 +82,29 @@ class SVDLinear(AdapterLayer):
     def peft_state(self) -> dict[str, Tensor]:
         # PEFT's AdaLoRA keys carry no ".weight"; files hold only the saved rows, in order
         rows = self.saved_rows()
-        return {"lora_A": self.lora_A.detach()[rows], "lora_E": self.lora_E.detach()[rows],
+        return {"lora_A": self.lora_A.detach()[rows], "lora_E": self.singular_values().detach()[rows],
                 "lora_B": self.lora_B.detach()[:, rows]}
 
     @torch.no_grad()
     def load_peft_state(self, state: dict[str, Tensor]) -> None:
         rows = self.saved_rows()
         self.lora_E.zero_()
-        self.lora_A[rows], self.lora_E[rows], self.lora_B[:, rows] = state["lora_A"], state["lora_E"], state["lora_B"]
+        self.lora_A[rows], self.lora_B[:, rows] = state["lora_A"], state["lora_B"]
+        self.lora_E[rows] = state["lora_E"] / self.e_scale
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}/{self.lora_A.shape[0]}, scale={self.scale:g}"
+
+
+def matched_e_scale(rows: int, target_r: int, d_in: int, init_std: float = 0.02) -> float:
+    """The factor g that makes the first AdamW steps change ΔW as much as LoRA's do at the same
+    learning rate, α and r = target_r. At init only E moves (A and B get no gradient while E = 0),
+    each of its `rows` entries by about lr: ‖ΔW‖ ≈ c·g·lr·√rows·|a||b| with |a| = std·√d_in,
+    |b| = std·√d_out, c = α/rows. LoRA moves all d_out·r entries of B against A rows of norm 1/√3
+    (kaiming-uniform): ‖ΔW‖ ≈ (α/r)·lr·√(r·d_out)/√3. Equal when g = √rows / (√(3r)·std²·√d_in).
+    The paper's and PEFT's parametrization (g = 1) moves ~20x less per step on a 384-wide layer,
+    which is why AdaLoRA needs a ~10x larger learning rate than LoRA there."""
+    return math.sqrt(rows) / (math.sqrt(3 * target_r) * init_std ** 2 * math.sqrt(d_in))
 
 
 def orthogonality_penalty(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
