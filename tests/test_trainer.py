@@ -351,3 +351,14 @@ def test_report_to_a_tracker_that_is_not_installed_says_how_to_get_it(tmp_path):
         pytest.skip("wandb is installed here")
     with pytest.raises(ValueError, match="report_to=wandb needs the wandb package: pip install wandb"):
         peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora"), config(tmp_path, report_to="wandb"), lm_dataset())
+
+
+@pytest.mark.slow
+def test_a_launch_that_asked_for_two_processes_but_started_one_stops(tmp_path):
+    """Without a GPU, `accelerate launch --num_processes 2 --cpu` starts ONE process: refused, with the fix."""
+    launcher = Path(sys.executable).with_name("accelerate")
+    run = subprocess.run([str(launcher), "launch", "--num_processes", "2", "--cpu", str(HERE / "train_job.py"),
+                          str(tmp_path), "--steps", "2"], env=ENV, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "asked for 2 processes but this run sees one" in run.stderr and "--multi_gpu" in run.stderr
+    assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -103,6 +103,7 @@ class Trainer:
         # cpu=True on GPU-less machines is what lets `accelerate launch --multi_gpu` (torchrun) run gloo DDP
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                                        log_with=_trackers(config.report_to), project_dir=config.output_dir)
+        _check_launch(self.accelerator.num_processes)
         self.output_dir = Path(config.output_dir)
         self.nonfinite_steps = 0  # in a row
         self.nonfinite_total = 0
@@ -562,6 +563,34 @@ def _trackers(report_to: str) -> list[str] | None:
             raise ValueError(f"report_to={name} needs the {packages[name][0]} package: pip install {packages[name][0]} "
                              "(or report_to=none)")
     return names
+
+
+def _check_launch(processes: int) -> None:
+    """Refuse a launch that asked for several processes but got one: training alone (or as
+    several independent runs) would silently differ from what was asked for."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    requested = max(world, _requested_by_launcher())
+    if requested > 1 and processes == 1:
+        raise RuntimeError(
+            f"the launcher was asked for {requested} processes but this run sees one (no process group); on a "
+            "machine without GPUs `accelerate launch` needs --multi_gpu to start several: use `accelerate launch "
+            f"--multi_gpu --num_processes {requested} ...` or `torchrun --nproc_per_node {requested} ...`")
+
+
+def _requested_by_launcher() -> int:
+    """--num_processes of an `accelerate launch` that started this process (Linux), else 0."""
+    try:
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return 0
+    if "launch" not in args or not any(Path(a).name == "accelerate" or a.endswith("accelerate_cli.py") for a in args):
+        return 0
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else (
+            args[i + 1] if arg == "--num_processes" and i + 1 < len(args) else None)
+        if value is not None and value.isdigit():
+            return int(value)
+    return 0
 
 
 def _alive(pid: int) -> bool:
