@@ -1,9 +1,8 @@
-"""`peftlab ...`: train, adapters, merge, export, eval, compare. Argument parsing and printing only;
+"""`peftlab ...`: train, adapters, merge, export, eval, generate, compare. Argument parsing and printing only;
 the work lives in peftlab.run (settings, building, the run record) and the library."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,8 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
     from . import Trainer, trainable_summary
-    from .plots import plot_run
-    from .run import build_run, resolve, write_record
+    from .run import build_run, record_run, resolve
 
     fixed = {"train.output_dir": f"runs/{args.adapter}", **_fixed(args)}
     config = resolve(args.adapter, args.config, args.overrides, fixed)
@@ -49,16 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\npeftlab: interrupted at step {step}; resume with --resume (from the newest checkpoint-N, "
               f"which needs save_steps > 0)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if not trainer.accelerator.is_main_process:
-        return 0
-    out = Path(config.train.output_dir)
-    run.tokenizer.save_pretrained(out)
-    result = {**result, "step_time": trainer.loop.metrics.get("step_time"),
-              "wall_time_s": round(time.perf_counter() - start, 1)}
-    write_record(out, config, result, sum(p.numel() for p in run.model.parameters() if p.requires_grad))
-    written = plot_run(out)
-    print_table({"adapter": config.adapter, **result, "trainable": trainable_summary(run.model)})
-    print(f"written to {out}: adapter_model.safetensors, run.json, metrics.jsonl, {', '.join(written)}")
+    if trainer.accelerator.is_main_process:
+        result, written = record_run(run, trainer, result, time.perf_counter() - start)
+        print_table({"adapter": config.adapter, **result, "trainable": trainable_summary(run.model)})
+        print(f"written to {config.train.output_dir}: {', '.join(written)}")
     return 0
 
 
@@ -70,47 +62,18 @@ def print_table(values: dict[str, Any]) -> None:
     print("-" * (width + 30))
 
 
-def _adapted_base(args: argparse.Namespace, four_bit: bool = False):
-    """(record, model with the adapter of args.adapter_dir loaded), the base loaded as it was trained."""
-    from .io import load_adapter
-    from .run import load_base, read_record
-
-    record = read_record(args.adapter_dir)
-    model = record.config.model
-    if args.model:
-        model.path = args.model
-    model.load_in_4bit = model.load_in_4bit or four_bit
-    return record, load_adapter(load_base(model), args.adapter_dir)
-
-
-def _refuse_overwriting(output: str, *inputs: str | None) -> None:
-    for source in inputs:
-        if source and Path(source).exists() and Path(output).resolve() == Path(source).resolve():
-            raise ValueError(f"--output-dir {output} is the input {source}; writing there would destroy it. "
-                             "Choose another directory")
+def _refuse_overwriting(output: str, source: str) -> None:
+    if Path(source).exists() and Path(output).resolve() == Path(source).resolve():
+        raise ValueError(f"--output-dir {output} is the input {source}; writing there would destroy it. "
+                         "Choose another directory")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base model (float32 math) and save a plain model with its tokenizer."""
-    import warnings
+    from .run import merge_trained
 
-    import torch
-
-    from . import merge, quant
-    from .run import default_model, load_tokenizer
-
-    _refuse_overwriting(args.output_dir, args.adapter_dir, args.model)
-    record, model = _adapted_base(args, args.load_in_4bit)
-    four_bit = any(quant.is_4bit(m) for m in model.modules())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the note below says it once, plainly
-        merged = merge(model)
-    if args.dtype != "float32":
-        merged = merged.to(getattr(torch, args.dtype))
-    merged.save_pretrained(args.output_dir)
-    has_tokenizer = (Path(args.adapter_dir) / "tokenizer_config.json").is_file()
-    load_tokenizer(args.adapter_dir if has_tokenizer else record.config.model.path or default_model()).save_pretrained(args.output_dir)
-    if four_bit:
+    _refuse_overwriting(args.output_dir, args.adapter_dir)
+    if merge_trained(args.adapter_dir, args.output_dir, args.model, args.load_in_4bit, args.dtype):
         print("note: the adapter was trained on a 4-bit base; merged onto the dequantized weights and saved "
               f"unquantized ({args.dtype}), never re-quantized, which would lose most of the update")
     print(f"merged model and tokenizer written to {args.output_dir}")
@@ -120,121 +83,64 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export any adapter as a plain PEFT LoRA (exact for low-rank methods, else truncated SVD)."""
     from .io import export_lora
+    from .run import load_trained
 
     _refuse_overwriting(args.output_dir, args.adapter_dir)
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
-    _, model = _adapted_base(args)
-    errors = export_lora(model, args.output_dir, rank=args.rank)
-    worst = max(errors.values())
-    print(f"exported {len(errors)} modules as LoRA to {args.output_dir}; "
-          f"relative error ||BA - dW|| / ||dW||: max {worst:.2e}, mean {sum(errors.values()) / len(errors):.2e}")
+    errors = export_lora(load_trained(args.adapter_dir, args.model)[1], args.output_dir, rank=args.rank)
+    print(f"exported {len(errors)} modules as LoRA to {args.output_dir}; relative error ||BA - dW|| / ||dW||: "
+          f"max {max(errors.values()):.2e}, mean {sum(errors.values()) / len(errors):.2e}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a trained adapter on its run's held-out data, or on --dataset's held-out tail."""
     from .data import PadCollator
-    from .run import build_data, load_tokenizer
+    from .run import build_data, load_trained
     from .trainers.trainer import evaluate
 
-    record, model = _adapted_base(args)
+    record, model, tokenizer = load_trained(args.adapter_dir, args.model)
     config = record.config
-    if args.dataset:
-        config.data.dataset = args.dataset
-    has_tokenizer = (Path(args.adapter_dir) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(args.adapter_dir if has_tokenizer else config.model.path)
+    config.data.dataset = args.dataset or config.data.dataset
     _, eval_set, sources = build_data(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
     print(f"scoring {len(eval_set)} examples of {sources[1]}")
-    result = evaluate(model, eval_set, PadCollator(tokenizer.pad_token_id), None, config.train.per_device_eval_batch_size)
-    print_table(result)
+    print_table(evaluate(model, eval_set, PadCollator(tokenizer.pad_token_id), None, config.train.per_device_eval_batch_size))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from a trained causal-LM adapter (its base loaded as trained, 4-bit too), through the
     tokenizer's chat template, streaming tokens; --interactive keeps a conversation going."""
-    import torch
-    from transformers import TextStreamer
+    from .generate import converse
+    from .run import load_trained
 
-    from .run import load_tokenizer
-
-    record, model = _adapted_base(args)
+    record, model, tokenizer = load_trained(args.adapter_dir, args.model)
     if record.config.model.task != "causal-lm":
         raise ValueError(f"{args.adapter_dir} is a {record.config.model.task} run; generate needs a causal LM")
-    has_tokenizer = (Path(args.adapter_dir) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(args.adapter_dir if has_tokenizer else record.config.model.path)
-    model.eval()
-    history = [{"role": "system", "content": args.system}] if args.system else []
-
-    def reply(text: str) -> str:
-        history.append({"role": "user", "content": text})
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer("\n".join(m["content"] for m in history), return_tensors="pt")["input_ids"]
-        sampling = dict(do_sample=True, temperature=args.temperature) if args.temperature > 0 else dict(do_sample=False)
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling)
-        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        history.append({"role": "assistant", "content": answer})
-        return answer
-
-    if not args.interactive:
-        if not args.prompt:
-            raise ValueError("pass --prompt TEXT, or --interactive for a conversation")
-        reply(args.prompt)
-        return 0
-    print("peftlab: interactive; an empty line or Ctrl-D ends the conversation")
-    while True:
-        try:
-            text = input("> ").strip()
-        except EOFError:
-            return 0
-        if not text:
-            return 0
-        reply(text)
+    if not (args.prompt or args.interactive):
+        raise ValueError("pass --prompt TEXT, or --interactive for a conversation")
+    converse(model, tokenizer, None if args.interactive else args.prompt, args.system, args.max_new_tokens, args.temperature)
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train several methods on the same data at a matched parameter budget; table + plot."""
-    from .compare import compare
+    from .compare import compare, text_table
 
     methods = [m.strip() for m in args.adapters.split(",") if m.strip()]
     passed = [*(["--model", args.model] if args.model else []), *(["--dataset", args.dataset] if args.dataset else [])]
     fixed = {k: v for k, v in _fixed(args).items() if k != "train.output_dir"}
-    table = compare(methods, Path(args.output_dir), args.budget, args.overrides, fixed, passed)
-    metric = table["metric"]
-    print(f"\n{'adapter':<10} {metric:>13} {'trainable':>11} {'step ms':>8} {'peak MiB':>9}")
-    for r in table["rows"]:
-        print(f"{r['adapter']:<10} {r[metric]:>13.4f} {r['trainable']:>11,} {r['step_ms']:>8} {r['peak_rss_mib']:>9}")
+    print(text_table(compare(methods, Path(args.output_dir), args.budget, args.overrides, fixed, passed)))
     print(f"written to {args.output_dir}: compare.json, compare.png, one run directory per adapter")
     return 0
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
     """Print the registry: name, aliases, file type, recipe, one line on the method."""
-    from dataclasses import MISSING, fields
+    from .adapters.registry import describe
 
-    from .adapters.registry import get_method, list_adapters
-    from .run import recipe_names
-
-    recipes = recipe_names()
-    rows = [("name", "aliases", "peft_type", "recipe", "description")]
-    for name in list_adapters():
-        method = get_method(name)
-        rows.append((name, ",".join(method.aliases) or "-", method.peft_type,
-                     f"configs/{name}.yaml" if name in recipes else "-", (method.config.__doc__ or "").strip().splitlines()[0]))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[4])
-    if args.fields:
-        method = get_method(args.fields)
-        print(f"\n{method.name} config fields:")
-        for f in fields(method.config):
-            default = f.default_factory() if f.default is MISSING else f.default
-            print(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
+    print(describe(args.fields))
     return 0
 
 
@@ -324,32 +230,26 @@ def main(argv: list[str] | None = None) -> int:
         print("\npeftlab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # one line, naming the problem; the traceback only when asked for
-        if debug:
-            traceback.print_exc()
-        print(f"peftlab: error: {_message(e)}", file=sys.stderr)
-        if _is_runtime(e) and not debug:
-            print("(run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_FAILED if _is_runtime(e) else EXIT_BAD_INPUT
+        return _report(e, debug)
 
 
-def _message(e: Exception) -> str:
-    from .run import shorten
-
-    text = str(e) if not isinstance(e, KeyError) else f"missing key {e.args[0]!r}"
-    if isinstance(e, OSError) and e.filename:
-        text = f"{e.strerror or e}: {e.filename}"
-    return shorten(text.strip() or type(e).__name__, 2000)
-
-
-def _is_runtime(e: Exception) -> bool:
-    """A failure while running (exit 1), as opposed to bad input (exit 2)."""
+def _report(e: Exception, debug: bool) -> int:
+    """Exit 2 for bad input (a value, file or key the user gave), 1 for a failure while running."""
     import re
 
-    import yaml
+    from .run import shorten
 
-    bad_input = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, IsADirectoryError,
-                 NotADirectoryError, PermissionError, re.error, yaml.YAMLError, json.JSONDecodeError)
-    return not isinstance(e, bad_input)
+    bad_input = isinstance(e, (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                               NotADirectoryError, PermissionError, re.error))
+    text = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+    if isinstance(e, OSError) and e.filename:
+        text = f"{e.strerror or e}: {e.filename}"
+    if debug:
+        traceback.print_exc()
+    print(f"peftlab: error: {shorten(text.strip() or type(e).__name__, 2000)}", file=sys.stderr)
+    if not bad_input and not debug:
+        print("(run with --debug for the traceback)", file=sys.stderr)
+    return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -57,6 +57,14 @@ def compare(methods: list[str], output_dir: Path, budget: int | None, overrides:
     return table
 
 
+def text_table(table: dict[str, Any]) -> str:
+    metric = table["metric"]
+    lines = [f"\n{'adapter':<10} {metric:>13} {'trainable':>11} {'step ms':>8} {'peak MiB':>9}"]
+    lines += [f"{r['adapter']:<10} {r[metric]:>13.4f} {r['trainable']:>11,} {r['step_ms']:>8} {r['peak_rss_mib']:>9}"
+              for r in table["rows"]]
+    return "\n".join(lines)
+
+
 def plot(table: dict[str, Any], path: Path) -> None:
     """One dot per method on an axis fitted to the values (bars from 0 would hide a 9.35 vs 9.80
     loss gap), each labelled with its value and trainable count."""

@@ -307,6 +307,18 @@ class RunRecord:
     trainable_params: int | None = None
 
 
+def record_run(run: Run, trainer, result: dict[str, Any], seconds: float) -> tuple[dict[str, Any], list[str]]:
+    """After training: the tokenizer, run.json and the plots in the output directory; returns the
+    result with timing and the files written."""
+    from .plots import plot_run
+
+    out = Path(run.config.train.output_dir)
+    run.tokenizer.save_pretrained(out)
+    result = {**result, "step_time": trainer.loop.metrics.get("step_time"), "wall_time_s": round(seconds, 1)}
+    write_record(out, run.config, result, sum(p.numel() for p in run.model.parameters() if p.requires_grad))
+    return result, ["adapter_model.safetensors", RECORD_NAME, "metrics.jsonl", *plot_run(out)]
+
+
 def write_record(output_dir: str | os.PathLike, config: RunConfig, result: dict[str, Any], trainable_params: int) -> None:
     from .io import atomic_write
 
@@ -341,6 +353,47 @@ def read_record(directory: str | os.PathLike) -> RunRecord:
     task = "causal-lm" if saved.get("task_type") == "CAUSAL_LM" else "seq-cls"
     model = ModelConfig(path=saved["base_model_name_or_path"], task=task, num_labels=_saved_num_labels(directory))
     return RunRecord(RunConfig(method.name, model=model))
+
+
+def load_trained(directory: str | os.PathLike, model_path: str | None = None, load_in_4bit: bool = False):
+    """(record, model with its adapter loaded, tokenizer) of a run or adapter directory; the base is
+    loaded as it was trained (4-bit if it was), or from `model_path`."""
+    from .io import load_adapter
+
+    record = read_record(directory)
+    model = record.config.model
+    model.path = model_path or model.path
+    model.load_in_4bit = model.load_in_4bit or load_in_4bit
+    saved = (Path(directory) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(directory) if saved else model.path or default_model())
+    return record, load_adapter(load_base(model), directory), tokenizer
+
+
+def merge_trained(directory: str | os.PathLike, output_dir: str | os.PathLike, model_path: str | None = None,
+                  load_in_4bit: bool = False, dtype: str = "float32") -> bool:
+    """Save base + adapter of a run as one plain model with its tokenizer (and generation config),
+    merged in float32 and cast once; True when the base was 4-bit (merged onto its dequantized
+    weights, never re-quantized)."""
+    import warnings
+
+    import torch
+
+    from . import quant
+    from .adapters.inject import merge
+
+    for source in (directory, model_path):
+        if source and Path(source).exists() and Path(output_dir).resolve() == Path(source).resolve():
+            raise ValueError(f"the output {output_dir} is the input {source}; writing there would destroy it")
+    _, model, tokenizer = load_trained(directory, model_path, load_in_4bit)
+    four_bit = any(quant.is_4bit(m) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the caller says it once, plainly
+        merged = merge(model)
+    if dtype != "float32":  # transformers refuses .to(dtype) on a model loaded in 4-bit, even once merged
+        merged = merged.to(getattr(torch, dtype))
+    merged.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return four_bit
 
 
 def _saved_num_labels(directory: Path) -> int:

@@ -3,7 +3,7 @@ framework needs (config, layer, controller, PEFT file type), so adding a method 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from typing import Any
 
 from .base import AdapterConfig, AdapterLayer, Controller
@@ -85,3 +85,26 @@ def method_of(config: AdapterConfig) -> Method:
         if type(config) is method.config:
             return method
     raise TypeError(f"{type(config).__name__} is not the config of a registered adapter method")
+
+
+def describe(fields_of: str | None = None) -> str:
+    """The registry as a table (name, aliases, file type, recipe, description); with `fields_of`, that
+    method's config fields with their defaults and help."""
+    from importlib import resources
+
+    shipped = resources.files("peftlab").joinpath("configs")
+    rows = [("name", "aliases", "peft_type", "recipe", "description")]
+    for name in list_adapters():
+        method = get_method(name)
+        recipe = f"configs/{name}.yaml" if shipped.joinpath(f"{name}.yaml").is_file() else "-"
+        rows.append((name, ",".join(method.aliases) or "-", method.peft_type, recipe,
+                     (method.config.__doc__ or "").strip().splitlines()[0]))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[4] for row in rows]
+    if fields_of:
+        method = get_method(fields_of)
+        lines.append(f"\n{method.name} config fields:")
+        for f in fields(method.config):
+            default = f.default_factory() if f.default is MISSING else f.default
+            lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
