@@ -62,17 +62,10 @@ def print_table(values: dict[str, Any]) -> None:
     print("-" * (width + 30))
 
 
-def _refuse_overwriting(output: str, source: str) -> None:
-    if Path(source).exists() and Path(output).resolve() == Path(source).resolve():
-        raise ValueError(f"--output-dir {output} is the input {source}; writing there would destroy it. "
-                         "Choose another directory")
-
-
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base model (float32 math) and save a plain model with its tokenizer."""
     from .run import merge_trained
 
-    _refuse_overwriting(args.output_dir, args.adapter_dir)
     if merge_trained(args.adapter_dir, args.output_dir, args.model, args.load_in_4bit, args.dtype):
         print("note: the adapter was trained on a 4-bit base; merged onto the dequantized weights and saved "
               f"unquantized ({args.dtype}), never re-quantized, which would lose most of the update")
@@ -83,9 +76,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export any adapter as a plain PEFT LoRA (exact for low-rank methods, else truncated SVD)."""
     from .io import export_lora
-    from .run import load_trained
+    from .run import load_trained, refuse_overwriting
 
-    _refuse_overwriting(args.output_dir, args.adapter_dir)
+    refuse_overwriting(args.output_dir, args.adapter_dir)
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
     errors = export_lora(load_trained(args.adapter_dir, args.model)[1], args.output_dir, rank=args.rank)

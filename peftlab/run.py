@@ -355,6 +355,14 @@ def read_record(directory: str | os.PathLike) -> RunRecord:
     return RunRecord(RunConfig(method.name, model=model))
 
 
+def refuse_overwriting(output_dir: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """A command never writes over what it reads."""
+    for source in inputs:
+        if source and Path(source).exists() and Path(output_dir).resolve() == Path(source).resolve():
+            raise ValueError(f"the output {output_dir} is the input {source}; writing there would destroy it. "
+                             "Choose another directory")
+
+
 def load_trained(directory: str | os.PathLike, model_path: str | None = None, load_in_4bit: bool = False):
     """(record, model with its adapter loaded, tokenizer) of a run or adapter directory; the base is
     loaded as it was trained (4-bit if it was), or from `model_path`."""
@@ -381,9 +389,7 @@ def merge_trained(directory: str | os.PathLike, output_dir: str | os.PathLike, m
     from . import quant
     from .adapters.inject import merge
 
-    for source in (directory, model_path):
-        if source and Path(source).exists() and Path(output_dir).resolve() == Path(source).resolve():
-            raise ValueError(f"the output {output_dir} is the input {source}; writing there would destroy it")
+    refuse_overwriting(output_dir, directory, model_path)
     _, model, tokenizer = load_trained(directory, model_path, load_in_4bit)
     four_bit = any(quant.is_4bit(m) for m in model.modules())
     with warnings.catch_warnings():

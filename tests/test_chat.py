@@ -143,3 +143,23 @@ def test_readme_walkthrough_chat_train_generate_merge(four_bit, chat_llm, tmp_pa
     assert re.search(r"\w", generated), "it generated something"
     record = json.loads(Path("runs/chat/run.json").read_text())
     assert record["model"]["task"] == "causal-lm" and record["result"]["eval_loss"] < 11
+
+
+def test_interactive_generation_keeps_the_conversation_and_ends_on_an_empty_line(chat_llm, monkeypatch, capsys):
+    """--interactive: each answer is the greedy reply to the whole conversation so far."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftlab.generate import converse, reply
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_llm)
+    model = peftlab.wrap(AutoModelForCausalLM.from_pretrained(chat_llm), "lora", r=2)
+    typed = iter(["which fruit is red?", "and its colour?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    converse(model, tokenizer, None, system="answer with one fruit", max_new_tokens=6)
+    printed = capsys.readouterr().out
+    history = [{"role": "system", "content": "answer with one fruit"}, {"role": "user", "content": "which fruit is red?"}]
+    first = reply(model, tokenizer, history, 6, stream=False)
+    history.append({"role": "user", "content": "and its colour?"})
+    second = reply(model, tokenizer, history, 6, stream=False)
+    assert "interactive" in printed and first.strip() in printed and second.strip() in printed
+    assert printed.index(first.strip()) < printed.rindex(second.strip())
