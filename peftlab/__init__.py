@@ -24,11 +24,12 @@ from .adapters import (  # noqa: E402
     wrap,
 )
 from .io import load_adapter, save_adapter
+from .sharding import shard
 from .trainers import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterLayer", "Controller", "controller", "get_config", "list_adapters",
-    "load_adapter", "merge", "save_adapter", "TrainConfig", "Trainer", "trainable_summary", "unwrap", "wrap",
+    "load_adapter", "merge", "save_adapter", "shard", "TrainConfig", "Trainer", "trainable_summary", "unwrap", "wrap",
 ]

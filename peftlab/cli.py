@@ -37,8 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"examples: {len(run.train_set)} train, {len(run.eval_set)} eval")
         print(trainable_summary(run.model))
         return 0
-    print(trainable_summary(run.model))
     trainer = Trainer(run.model, config.train, run.train_set, eval_dataset=run.eval_set, data_collator=run.collator)
+    trainer.accelerator.print(trainable_summary(run.model))
     start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=args.resume)

@@ -51,13 +51,17 @@ def dequantize(module: nn.Module) -> Tensor:
     import bitsandbytes.functional as bnbf
 
     weight = module.weight
-    if getattr(weight, "quant_state", None) is None:
+    # under FSDP the gathered weight is a plain tensor of the packed bytes (in its quant_storage
+    # dtype): the quantization state stays on the module, where bitsandbytes registered it
+    state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+    if state is None:
         raise RuntimeError("the 4-bit layer is not quantized yet; move it to its device first (.to('cpu'))")
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+    if getattr(state, "packing_format_for_cpu", False):
         # bitsandbytes repacks CPU weights for its bf16 inference kernel on the first eval-mode
         # forward; undo it as bitsandbytes' own state_dict() does, then dequantize as usual
-        weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-    return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+        weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state = weight.quant_state
+    return bnbf.dequantize_4bit(weight.data, state).float()
 
 
 def base_weight(module: nn.Module) -> Tensor:
@@ -114,7 +118,8 @@ def load_model(name_or_path: str, task: str, *, load_in_4bit: bool = False, num_
         compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
-            llm_int8_skip_modules=["classifier", "score", "lm_head"])
+            # packed bytes stored in the compute dtype: the dtype FSDP can shard with the rest (FSDP-QLoRA)
+            bnb_4bit_quant_storage=compute, llm_int8_skip_modules=["classifier", "score", "lm_head"])
         kwargs["dtype"] = compute
     cls = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
     model = cls.from_pretrained(name_or_path, **kwargs)

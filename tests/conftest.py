@@ -140,3 +140,19 @@ def chat_rows(n: int = 48, seed: int = 0) -> list[dict]:
             {"role": "assistant", "content": colour},
         ]})
     return rows
+
+
+@pytest.fixture(scope="session")
+def one_process(tmp_path_factory):
+    """train_job.py's one-process run per (method, options), run once per session: the reference
+    the two-process runs (DDP, FSDP) are compared with."""
+    from train_job import run_job
+
+    runs = {}
+
+    def run(method: str, *args: str):
+        if (method, args) not in runs:
+            runs[method, args] = run_job(tmp_path_factory.mktemp(f"one-{method}") / "run", method,
+                                         "--per-device", "4", *args)
+        return runs[method, args]
+    return run

@@ -16,12 +16,10 @@ from peftlab.trainers.trainer import NonFiniteLossError, checkpoints
 
 from cases import CASES
 from conftest import tiny_llama
-from train_job import JOB_CONFIGS, lm_dataset
+from train_job import ENV, HERE, JOB_CONFIGS, assert_same_training, free_port, lm_dataset, run_job
 
 STATELESS = {"randlora", "allora"}  # no controller state to resume (LoRA stays: it is the baseline)
 
-HERE = Path(__file__).resolve().parent
-ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}
 
 
 class Spy(Controller):
@@ -46,15 +44,6 @@ class Spy(Controller):
 
     def load_state_dict(self, state):
         self.calls.append(("load", int(state["calls"])))
-
-
-def free_port() -> int:
-    """A port no one listens on (the launcher's default 29500 may still be held by the previous run)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spied(model):
@@ -118,29 +107,9 @@ def test_interrupted_run_resumes_to_the_bitwise_same_adapter(method, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(CASES))
-def test_two_processes_match_one_process_with_the_same_global_batch(method, tmp_path):
-    job = [str(HERE / "train_job.py"), "--dropout", "0", "--method", method]
-    subprocess.run([sys.executable, job[0], str(tmp_path / "one"), "--per-device", "4", *job[1:]],
-                   check=True, env=ENV, capture_output=True)
-    launcher = Path(sys.executable).with_name("accelerate")
-    two = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
-                          str(free_port()), job[0], str(tmp_path / "two"), "--per-device", "2", *job[1:]],
-                         env=ENV, capture_output=True, text=True)
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    reports = [(tmp_path / "two" / f"report_{rank}.json").read_text() for rank in (0, 1)]
-    assert reports[0] == reports[1], "the controllers of both processes decided identically"
-    one, two = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("one", "two"))
-    assert one.keys() == two.keys()
-    if method != "increlora":  # its module score Σ|ΔW ⊙ G| is not linear in each process's G (README)
-        assert (tmp_path / "one" / "report_0.json").read_text() == reports[0]
-        # EVA's PCA directions turn the ~1e-7 differences of batch-2 vs batch-4 matrix products into
-        # ~2e-5 (divided by the eigengap; CPU-dependent), so its init is compared at 1e-4
-        atol = 1e-4 if method == "evalora" else 1e-5
-        assert all(torch.allclose(one[k].float(), two[k].float(), atol=atol, rtol=0) for k in one)
-    initial = peftlab.wrap(tiny_llama(), method, **JOB_CONFIGS[method]) if method != "evalora" else None
-    if initial is not None:
-        trained = peftlab.io.adapter_state_dict(initial)
-        assert any(not torch.equal(trained[k], one[k]) for k in one if k in trained), "the adapters must have trained"
+def test_two_processes_match_one_process_with_the_same_global_batch(method, one_process, tmp_path):
+    two = run_job(tmp_path / "two", method, "--per-device", "2", processes=2)
+    assert_same_training(method, one_process(method), two)
 
 
 def test_nonfinite_steps_are_skipped_and_counted_then_stop(tmp_path):
@@ -259,6 +228,33 @@ def test_training_options_learn(option, tmp_path):
     if option == "adamw_8bit":
         import bitsandbytes as bnb
         assert isinstance(trainer._optimizer(), bnb.optim.AdamW8bit)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_gradient_checkpointing_on_a_4bit_base_trains_identically_with_one_dequantization_per_pass(
+        method, tmp_path, monkeypatch):
+    """Fused kernel + dropout + NF4 base: the checkpointed run equals the plain one step for step
+    (the recomputed forward draws the same dropout masks), and it dequantizes no more often: the
+    recomputed forward's weights serve its backward."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    calls = []
+    dequantize = peftlab.quant.dequantize
+    monkeypatch.setattr(peftlab.quant, "dequantize", lambda module: calls.append(1) or dequantize(module))
+    results = []
+    for checkpointing in (False, True):
+        model = peftlab.quant.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=True)
+        torch.manual_seed(0)
+        peftlab.wrap(model, method, **{"lora": {"r": 4}, "adalora": {"init_r": 4, "target_r": 2}}[method],
+                     lora_dropout=0.1)
+        calls.clear()
+        peftlab.Trainer(model, config(tmp_path / str(checkpointing), max_steps=3, gradient_checkpointing=checkpointing),
+                        lm_dataset()).train()
+        results.append(({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, len(calls)))
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = results
+    layers = 2 * 7  # two blocks, seven projections each
+    assert plain_calls == checkpointed_calls == 3 * 2 * layers, (plain_calls, checkpointed_calls)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):

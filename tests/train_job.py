@@ -1,14 +1,19 @@
-"""A small, deterministic training job that tests run in subprocesses (kill/resume, accelerate launch).
+"""A small, deterministic training job that tests run in subprocesses (kill/resume, accelerate
+launch, torchrun), and the helpers that launch it and compare its results.
 
-    python tests/train_job.py OUT [--method lora] [--per-device 4] [--kill-at N] [--resume]
+    python tests/train_job.py OUT [--method lora] [--per-device 4] [--kill-at N] [--resume] [--fsdp]
 """
 import argparse
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 import peftlab  # noqa: E402
@@ -47,15 +52,26 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--kill-at", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--four-bit", action="store_true", help="the base in NF4, loaded from OUT/../base")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
 
     config = dict(JOB_CONFIGS[args.method])  # scheduled methods take the run length from the Trainer
     if "lora_dropout" in config:
         config["lora_dropout"] = args.dropout
-    model = peftlab.wrap(tiny_llama(), args.method, **config)
+    if args.four_bit:
+        base = os.path.join(os.path.dirname(os.path.abspath(args.out)), "base")
+        model = peftlab.quant.load_model(base, "causal-lm", load_in_4bit=True)
+    else:
+        model = tiny_llama()
+    torch.manual_seed(0)
+    model = peftlab.wrap(model, args.method, **config)
     config = peftlab.TrainConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.per_device,
                                  gradient_accumulation_steps=args.ga, learning_rate=5e-3, save_steps=2,
-                                 save_total_limit=0, logging_steps=1, warmup_steps=2, disable_tqdm=True, seed=7)
+                                 save_total_limit=0, logging_steps=1, warmup_steps=2, disable_tqdm=True, seed=7,
+                                 fsdp=args.fsdp, torch_compile=args.compile, bf16=args.bf16)
     trainer = peftlab.Trainer(model, config, lm_dataset(), eval_dataset=lm_dataset(8, seed=1))
     if args.kill_at:
         hook = trainer.controller.after_optimizer_step
@@ -70,6 +86,59 @@ def main() -> None:
     rank = trainer.accelerator.process_index  # every process's view of the controller, for the tests
     with open(os.path.join(args.out, f"report_{rank}.json"), "w") as f:
         json.dump(trainer.controller.report(), f, sort_keys=True)
+    with open(os.path.join(args.out, f"storage_{rank}.json"), "w") as f:  # what this process holds
+        json.dump({"frozen": frozen_bytes(model)}, f)
+
+
+def frozen_bytes(model: torch.nn.Module) -> int:
+    """Bytes of frozen weights this process stores (its shards only, under FSDP)."""
+    local = [getattr(p, "_local_tensor", p) for p in model.parameters() if not p.requires_grad]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+
+
+def free_port() -> int:
+    """A port no one listens on (the launcher's default 29500 may still be held by the previous run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(out: Path, method: str, *args: str, processes: int = 1, launcher: str = "accelerate") -> Path:
+    """This job without dropout, in one process or under `accelerate launch` / `torchrun`."""
+    job = [str(HERE / "train_job.py"), str(out), "--dropout", "0", "--method", method, *args]
+    if processes == 1:
+        command = [sys.executable, *job]
+    elif launcher == "accelerate":
+        command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--main_process_port", str(free_port()), *job]
+    else:
+        command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
+                   "--master_port", str(free_port()), *job]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def assert_same_training(method: str, one: Path, two: Path, atol: float = 1e-5) -> None:
+    """Two processes decided identically, and as one process did; their adapters are equal."""
+    reports = [(two / f"report_{rank}.json").read_text() for rank in (0, 1)]
+    assert reports[0] == reports[1], "the controllers of both processes decided identically"
+    first, second = (load_file(str(d / "adapter_model.safetensors")) for d in (one, two))
+    assert first.keys() == second.keys()
+    if method != "increlora":  # its module score Σ|ΔW ⊙ G| is not linear in each process's G (README)
+        assert (one / "report_0.json").read_text() == reports[0]
+        # EVA's PCA directions turn the ~1e-7 differences of batch-2 vs batch-4 matrix products into
+        # ~2e-5 (divided by the eigengap; CPU-dependent), so its init is compared at 1e-4
+        tolerance = max(atol, 1e-4) if method == "evalora" else atol
+        worst = {k: (first[k].float() - second[k].float()).abs().max().item() for k in first if first[k].numel()}
+        assert max(worst.values()) <= tolerance, max(worst.items(), key=lambda kv: kv[1])
+    if method != "evalora":  # EVA's init comes from the data; the others' can be rebuilt here
+        initial = peftlab.io.adapter_state_dict(peftlab.wrap(tiny_llama(), method, **JOB_CONFIGS[method]))
+        assert any(not torch.equal(initial[k], first[k]) for k in first if k in initial), "the adapters must have trained"
 
 
 if __name__ == "__main__":

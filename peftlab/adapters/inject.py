@@ -209,6 +209,9 @@ def merge(model: nn.Module) -> nn.Module:
     never does it silently.
     """
     state = state_of(model)
+    if hasattr(model, "_peftlab_gradient_sync"):
+        raise ValueError("cannot merge a sharded model (each process holds a slice of the base); save its adapter "
+                         "and merge it into the unsharded base: peftlab merge RUN_DIR, or load_adapter + merge")
     dequantized = []
     for name, layer in state.layers.items():
         if quant.is_4bit(layer.base_layer):

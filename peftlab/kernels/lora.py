@@ -8,10 +8,13 @@ Forward makes one stacked product drop(x) [A_1; A_2; ...]ᵀ, then each base out
 term accumulated in place (no separate adapter output, no add). Backward keeps only what it needs:
 x (already alive: it is the previous layer's output), the dropout keep-mask as one byte per
 element instead of a dropped float copy, the small (tokens, Σr) product, and the factors. A 4-bit
-base is dequantized again in backward rather than kept (QLoRA, arXiv:2305.14314, stores only the 4-bit weight).
+base is dequantized again in backward rather than kept (QLoRA, arXiv:2305.14314, stores only the 4-bit weight),
+except under gradient checkpointing, where the recomputed forward's dequantized weights go straight
+to the backward that follows it: one dequantization per forward pass either way.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -159,6 +162,11 @@ class FusedLoRA(torch.autograd.Function):
                 row_scales: tuple[Tensor | None, ...], *factors: Tensor) -> tuple[Tensor, ...]:
         x2 = x.reshape(-1, x.shape[-1])                                     # (T, d_in)
         matrices = [partial(base_matrix, adapter.base) for adapter in adapters]
+        if torch._C._current_graph_task_id() != -1:
+            # a checkpointed block's forward, rerun inside backward: the original node's backward
+            # follows at once, and takes the 4-bit weights dequantized here rather than again
+            matrices = [_keep(a.base, matrix_of) if quant.is_4bit(a.base) else matrix_of
+                        for a, matrix_of in zip(adapters, matrices)]
         outputs, u, a_all = lora_forward(x2, None if keep is None else keep.view_as(x2), keep_scale, matrices,
                                          [adapter.base.bias for adapter in adapters], [a.scale for a in adapters],
                                          list(factors))
@@ -172,9 +180,26 @@ class FusedLoRA(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         grad_x, grads = lora_backward(
             [g.reshape(-1, g.shape[-1]) for g in grad_outputs], x2, None if keep is None else keep.view_as(x2),
-            ctx.keep_scale, u, a_all, [partial(base_matrix, a.base) for a in ctx.adapters],
+            ctx.keep_scale, u, a_all, [_kept(a.base) for a in ctx.adapters],
             [a.scale for a in ctx.adapters], factors, list(ctx.row_scales), ctx.needs_input_grad[0])
         return (None if grad_x is None else grad_x.view_as(x), None, None, None, None, *grads)
+
+
+_RECOMPUTED: weakref.WeakKeyDictionary[nn.Module, Tensor] = weakref.WeakKeyDictionary()
+
+
+def _keep(base: nn.Module, matrix_of: Matrix) -> Matrix:
+    """matrix_of, remembering its result for the backward of `base`'s node (under checkpointing)."""
+    def make(dtype: torch.dtype) -> Tensor:
+        _RECOMPUTED[base] = matrix = matrix_of(dtype)
+        return matrix
+    return make
+
+
+def _kept(base: nn.Module) -> Matrix:
+    """The matrix a recomputed forward kept for this backward, else base_matrix made afresh."""
+    matrix = _RECOMPUTED.pop(base, None)
+    return partial(base_matrix, base) if matrix is None else partial(Tensor.to, matrix)
 
 
 # Under torch.compile a single layer runs as one opaque op, so inductor compiles the model around it

@@ -40,6 +40,8 @@ class TrainConfig:
     save_total_limit: int = opt(2, "keep the newest N checkpoints; 0 = keep all")
     bf16: bool = opt(False, "bfloat16 autocast (needs hardware support)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (non-reentrant)")
+    fsdp: bool = opt(False, "shard the frozen base across processes with FSDP2 (one unit per transformer block); "
+                            "the adapter stays whole on every process. Needs a multi-process launch (torchrun)")
     torch_compile: bool = opt(False, "train through torch.compile (inductor; on CPU it needs a C++ compiler); "
                                      "fused adapter layers stay one opaque op inside the compiled graph")
     max_nonfinite_steps: int = opt(5, "stop after this many optimizer steps in a row with a NaN/inf loss or gradient")

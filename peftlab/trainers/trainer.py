@@ -2,7 +2,7 @@
 
     prepare()                                  once, before the optimizer exists
     for each optimizer step:
-        forward/backward x gradient_accumulation_steps   (DDP syncs on the last micro-batch;
+        forward/backward x gradient_accumulation_steps   (gradients average over processes on the last micro-batch;
                                                           the controller's penalty joins its loss)
         clip -> before_optimizer_step -> optimizer.step -> after_optimizer_step -> scheduler.step
 
@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -42,6 +42,7 @@ from ..adapters.inject import controller as controller_of
 from ..adapters.inject import state_of
 from ..data import EpochBatches, PadCollator
 from ..io import atomic_write, save_adapter
+from ..sharding import is_sharded, no_sync, shard
 from .config import TrainConfig
 
 STATE_NAME = "trainer_state.json"
@@ -60,7 +61,7 @@ class NonFiniteLossError(RuntimeError):
 class _Loop:
     """What the training loop carries from step to step."""
 
-    model: nn.Module                      # the model as Accelerate prepared it (DDP, compiled)
+    model: nn.Module                      # the model as it trains: DDP or sharded (FSDP2), maybe compiled
     optimizer: torch.optim.Optimizer
     scheduler: Any
     total: int
@@ -73,7 +74,8 @@ class _Loop:
 
 
 class Trainer:
-    """Trains a peftlab-wrapped model with Accelerate (single process, or `accelerate launch`).
+    """Trains a peftlab-wrapped model with Accelerate: one process, or several (`torchrun`, `accelerate
+    launch`) with DDP, or with the base sharded by FSDP2 (`fsdp=True`, see peftlab.sharding).
 
     Args:
         model: a model returned by `peftlab.wrap` or `peftlab.load_adapter` (continuing from an
@@ -150,7 +152,7 @@ class Trainer:
         loss = torch.zeros((), device=acc.device)
         for k in range(steps):
             last = k == steps - 1
-            with nullcontext() if last else acc.no_sync(loop.model):
+            with nullcontext() if last else _no_sync(acc, loop.model), acc.autocast():
                 micro_loss = loop.model(**next(loop.batches)).loss / steps
                 # the regularizer joins the loss once per step, so clipping and the grad norm see it
                 acc.backward(micro_loss + self.controller.penalty(loop.step) if last else micro_loss)
@@ -240,10 +242,23 @@ class Trainer:
         step, micro = self._load_checkpoint(checkpoint, optimizer, scheduler) if checkpoint else (0, 0)
         self._start_metrics(step)
         acc.init_trackers("peftlab", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
-        model = acc.prepare(self.model)
+        model = self._distribute()
         if cfg.torch_compile:  # fallback_random: dropout draws as in eager mode, so seeds mean the same
             model = torch.compile(model, options={"fallback_random": True})
         return _Loop(model, optimizer, scheduler, total, step, micro, self._micro_batches(batches, micro))
+
+    def _distribute(self) -> nn.Module:
+        """DDP through Accelerate, or FSDP2 (peftlab.shard) when fsdp=True and there are several processes."""
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.FSDP:  # it would shard the adapter too (see peftlab.sharding)
+            raise ValueError("the accelerate config asks for FSDP; peftlab shards the base itself and keeps the adapter "
+                             "whole: set distributed_type: MULTI_GPU in the accelerate config and fsdp=true here")
+        if not self.config.fsdp:
+            return acc.prepare(self.model)
+        if acc.num_processes == 1:
+            acc.print("peftlab: fsdp=true with one process: nothing to shard, training unsharded")
+            return self.model.to(acc.device)
+        return shard(self.model.to(acc.device))
 
     def _micro_batches(self, batches: EpochBatches, start: int) -> Iterator[Batch]:
         """Micro-batches from global position `start` on, across epochs, already on the device."""
@@ -512,15 +527,20 @@ def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]] | None, collate
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(model.parameters()).device
     mine = list(range(rank, len(dataset), world))
+    batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)  # the same count on every process
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, count, correct
     causal = False
     model.eval()
-    for j in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False, dynamic_ncols=True,
+    for j in tqdm(range(0, batches * batch_size, batch_size), desc="eval", leave=False, dynamic_ncols=True,
                   disable=not progress or rank != 0):
-        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in mine[j:j + batch_size]]).items()}
+        rows = mine[j:j + batch_size]
+        # a process whose share ran out still runs a forward: a sharded model gathers weights in each
+        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in rows or [0]]).items()}
         labels = batch.pop("labels")
         with accelerator.autocast() if accelerator else nullcontext():
             logits = model(**batch).logits.float()
+        if not rows:
+            continue
         if logits.dim() == 3:  # causal LM: predict token t+1 from tokens <= t
             causal = True
             logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
@@ -543,6 +563,11 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
              and (p / STATE_NAME).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _no_sync(acc: Accelerator, model: nn.Module):
+    """No gradient averaging on this micro-batch (DDP's no_sync, or a sharded model's)."""
+    return no_sync(model) if is_sharded(model) else acc.no_sync(model)
 
 
 def _schedule_name(kind: str, warmup: int) -> str:
