@@ -24,12 +24,13 @@ from .adapters import (  # noqa: E402
     wrap,
 )
 from .io import load_adapter, save_adapter
+from .memory import estimate_memory
 from .sharding import shard
 from .trainers import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "AdapterLayer", "Controller", "controller", "get_config", "list_adapters",
+    "AdapterConfig", "AdapterLayer", "Controller", "controller", "estimate_memory", "get_config", "list_adapters",
     "load_adapter", "merge", "save_adapter", "shard", "TrainConfig", "Trainer", "trainable_summary", "unwrap", "wrap",
 ]

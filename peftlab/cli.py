@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
     from . import Trainer, trainable_summary
-    from .run import build_run, record_run, resolve
+    from .run import build_run, record_run, resolve, run_memory
 
     fixed = {"train.output_dir": f"runs/{args.adapter}", **_fixed(args)}
     config = resolve(args.adapter, args.config, args.overrides, fixed)
@@ -36,6 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
         print(f"examples: {len(run.train_set)} train, {len(run.eval_set)} eval")
         print(trainable_summary(run.model))
+        print(run_memory(run))
         return 0
     trainer = Trainer(run.model, config.train, run.train_set, eval_dataset=run.eval_set, data_collator=run.collator)
     trainer.accelerator.print(trainable_summary(run.model))

@@ -133,6 +133,10 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
         param.requires_grad_(False)
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
+        elif param.dtype == torch.float32:
+            # a private copy: the float32 tensors transformers loads are views of the memory-mapped
+            # checkpoint, which keeps the whole file mapped and its quantized weights' pages resident
+            param.data = param.data.clone()
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model

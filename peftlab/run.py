@@ -363,6 +363,21 @@ def refuse_overwriting(output_dir: str | os.PathLike, *inputs: str | os.PathLike
                              "Choose another directory")
 
 
+def run_memory(run: Run) -> str:
+    """The expected peak memory per process of this run, at its longest batch; under fsdp, for the
+    process count of the launch ($WORLD_SIZE)."""
+    from .memory import estimate_memory
+
+    train = run.config.train
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    longest = max(len(row["input_ids"]) for row in run.train_set)
+    estimate = estimate_memory(run.model, batch_size=train.per_device_train_batch_size, seq_len=longest,
+                               gradient_checkpointing=train.gradient_checkpointing, bf16=train.bf16,
+                               processes=processes, fsdp=train.fsdp)
+    where = f" with fsdp over {processes} processes" if train.fsdp and processes > 1 else ""
+    return f"{estimate}{where}, at batches of {train.per_device_train_batch_size} x {longest} tokens"
+
+
 def load_trained(directory: str | os.PathLike, model_path: str | None = None, load_in_4bit: bool = False):
     """(record, model with its adapter loaded, tokenizer) of a run or adapter directory; the base is
     loaded as it was trained (4-bit if it was), or from `model_path`."""

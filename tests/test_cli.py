@@ -1,5 +1,6 @@
 """The CLI end to end on a tiny model, its error messages, dry-run, merge/export/eval."""
 import json
+import re
 import shutil
 
 import pytest
@@ -86,6 +87,7 @@ def test_dry_run_prints_settings_and_the_trainable_line(tiny_bert, reviews, caps
     assert settings["train"]["learning_rate"] == pytest.approx(1e-3)  # from peftlab/configs/evalora.yaml
     assert settings["model"]["path"] == tiny_bert and settings["data"]["dataset"] == reviews
     assert "trainable params: " in out and "|| all params: " in out
+    assert re.search(r"expected peak memory per process: \d+\.\d\d GiB \(base weights .*\), at batches of 16 x \d+ tokens", out)
 
 
 @pytest.mark.parametrize("argv, message", [
