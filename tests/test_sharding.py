@@ -114,6 +114,16 @@ def test_a_model_with_tied_embeddings_shards_and_computes_the_same(process_group
     torch.testing.assert_close(model(**batch).logits, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_an_adapter_sharded_by_fully_shard_itself_is_refused_with_the_fix(process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    model = peftlab.wrap(tiny_llama(), "sara", target_fraction=0.1, total_step=4)
+    fully_shard(model)  # what a user of plain FSDP2 would write: the adapter becomes DTensors too
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(ValueError, match="shard with peftlab.shard\\(model\\) instead"):
+        peftlab.controller(model).bind_optimizer(optimizer)
+
+
 def test_sharding_without_a_process_group_says_how_to_launch():
     with pytest.raises(RuntimeError, match="needs a process group: launch with `torchrun --nproc_per_node N`"):
         shard(peftlab.wrap(tiny_llama(), "lora", r=2))

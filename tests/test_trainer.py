@@ -294,6 +294,17 @@ def test_torch_compile_trains_like_eager_with_the_lifecycle_intact(tmp_path):
         torch.testing.assert_close(compiled[name], eager[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
+    """The data order depends on the process count (sharded or not), so exact resume needs the same one."""
+    peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=2, save_steps=2),
+                    lm_dataset()).train()
+    state = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"world_size": 1', '"world_size": 2'))
+    with pytest.raises(ValueError, match="written by 2 processes but this run has 1; exact resume needs the same"):
+        peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=4, save_steps=2),
+                        lm_dataset()).train(resume_from_checkpoint=True)
+
+
 def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path):
     peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=4, save_steps=2, save_total_limit=0),
                     lm_dataset()).train()

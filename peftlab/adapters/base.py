@@ -379,6 +379,10 @@ class Controller:
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Front ends hand over the optimizer once it exists (SaRA resets state when it re-selects)."""
+        if any(type(p).__name__ == "DTensor" for layer in self.layers.values() for p in layer.adapter_parameters().values()):
+            # fully_shard without ignored_params: controllers would mix whole tensors with shards
+            raise ValueError("the adapter's parameters were sharded (fully_shard on the wrapped model); shard with "
+                             "peftlab.shard(model) instead, which shards the base and keeps the adapter whole")
         self.optimizer = optimizer
 
     def expect_total_steps(self, total_steps: int) -> None:
