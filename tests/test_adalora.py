@@ -273,7 +273,7 @@ def test_trainer_refuses_a_schedule_for_another_run_length(tmp_path):
         peftlab.Trainer(model, cfg, lm_dataset()).train()
 
 
-@pytest.mark.parametrize("method, settings", [("adalora", {}), ("increlora", {}), ("randlora", {})])
+@pytest.mark.parametrize("method, settings", [("adalora", {}), ("increlora", {}), ("randlora", {}), ("allora", {})])
 def test_default_first_steps_change_the_update_as_much_as_loras(method, settings):
     """The drop-in property behind the defaults: on a 384-wide layer (MiniLM's), one AdamW step at the
     same learning rate from the initial state moves ΔW by about as much as LoRA's defaults do

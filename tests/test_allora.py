@@ -10,8 +10,9 @@ from test_lora import Holder
 
 
 def allora(d_in=6, d_out=5, r=3, eta=2.0, seed=0):
+    """The paper's scale 1 (lora_alpha = r), so the gradient algebra below is the paper's."""
     torch.manual_seed(seed)
-    model = peftlab.wrap(Holder(nn.Linear(d_in, d_out)), "allora", r=r, eta=eta, target_modules=["proj"])
+    model = peftlab.wrap(Holder(nn.Linear(d_in, d_out)), "allora", r=r, lora_alpha=r, eta=eta, target_modules=["proj"])
     with torch.no_grad():
         model.proj.lora_B.normal_()
     return model, model.proj
@@ -68,7 +69,7 @@ def test_hand_example_coefficients():
 
 def test_init_step_moves_B_by_eta_times_the_plain_gradient():
     torch.manual_seed(0)
-    model = peftlab.wrap(Holder(nn.Linear(6, 5)), "allora", r=3, eta=2.0, target_modules=["proj"])
+    model = peftlab.wrap(Holder(nn.Linear(6, 5)), "allora", r=3, lora_alpha=3, eta=2.0, target_modules=["proj"])
     layer = model.proj
     x, weight = torch.randn(4, 6), torch.randn(4, 5)
     _, _, gb = plain_lora_grads(layer, x, weight)
@@ -122,12 +123,31 @@ def test_bf16_autocast_gradients_are_close_to_fp32():
     assert ((layer.lora_B.grad - ref).norm() / ref.norm()).item() < 2e-2
 
 
-def test_saves_as_plain_lora_with_scale_one_and_reloads_as_allora(tmp_path):
+def test_default_scale_is_loras_and_scales_output_and_every_gradient():
+    torch.manual_seed(0)
+    model = peftlab.wrap(Holder(nn.Linear(6, 5)), "allora", r=4, target_modules=["proj"])
+    layer = model.proj
+    assert layer.scale == 16 / 4 == peftlab.wrap(Holder(nn.Linear(6, 5)), "lora", r=4, target_modules=["proj"]).proj.scale
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 6, requires_grad=True)
+    weight = torch.randn(3, 5)
+    (layer.branch(x) * weight).sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    (ALLoRABranch.apply(x, layer.lora_A, layer.lora_B, layer.inv_eta_sq) * weight).sum().backward()
+    for scaled, plain in zip(grads, (x.grad, layer.lora_A.grad, layer.lora_B.grad)):
+        torch.testing.assert_close(scaled, 4.0 * plain, atol=1e-6, rtol=1e-5)
+
+
+def test_saves_as_plain_lora_and_reloads_as_allora(tmp_path):
     import json
 
-    model, layer = allora(eta=1.25)
+    model = peftlab.wrap(Holder(nn.Linear(6, 5)), "allora", r=3, lora_alpha=7.0, eta=1.25, target_modules=["proj"])
     peftlab.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["lora_alpha"] == config["r"] == 3
+    assert config["peft_type"] == "LORA" and config["lora_alpha"] == 7 and config["r"] == 3
     loaded = peftlab.load_adapter(Holder(nn.Linear(6, 5)), tmp_path)
     assert loaded.peftlab.method.name == "allora" and loaded.proj.inv_eta_sq == pytest.approx(1 / 1.25 ** 2)
+    assert loaded.proj.scale == pytest.approx(7 / 3)

@@ -1,11 +1,11 @@
-"""ALLoRA (Huang & Balestriero 2024, arXiv:2410.09692): LoRA without dropout and without the α/r
-scale, whose factor gradients are scaled per output row by an adaptive coefficient
+"""ALLoRA (Huang & Balestriero 2024, arXiv:2410.09692): LoRA without dropout, whose factor
+gradients are scaled per output row by an adaptive coefficient
 
     c_i = 1 / sqrt(‖(BA)_i‖₂ + 1/η²)         (row norm of the product, not squared: the paper's listing)
 
 so that rows still at zero escape fast (c = η) and grown rows move carefully. Only ∂L/∂A and
-∂L/∂B see c; the gradient passed to the layer below is the plain one. Saved and merged as a plain
-LoRA with scale 1.
+∂L/∂B see c; the gradient passed to the layer below is the plain one. The update keeps LoRA's
+α/r output scale (see ALLoRAConfig.lora_alpha). Saved and merged as a plain LoRA.
 """
 from __future__ import annotations
 
@@ -52,17 +52,17 @@ class ALLoRALinear(LowRankLayer):
     def __init__(self, base_layer: nn.Module, config: "ALLoRAConfig", name: str):
         super().__init__(base_layer)
         device = next(base_layer.parameters()).device
-        self.r, self.inv_eta_sq, self.scale = config.r, 1.0 / config.eta ** 2, 1.0  # no α/r (paper §4)
+        self.r, self.inv_eta_sq, self.scale = config.r, 1.0 / config.eta ** 2, config.lora_alpha / config.r
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))   # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))  # (d_out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0
 
     def low_rank_product(self) -> kernels.LowRankProduct | None:
         c = row_coefficients(self.lora_A, self.lora_B, self.inv_eta_sq)
-        return kernels.LowRankProduct(self.lora_A, self.lora_B, 1.0, row_scale=c)
+        return kernels.LowRankProduct(self.lora_A, self.lora_B, self.scale, row_scale=c)
 
     def branch(self, x: Tensor) -> Tensor:
-        return ALLoRABranch.apply(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.inv_eta_sq)
+        return self.scale * ALLoRABranch.apply(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.inv_eta_sq)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, eta={self.inv_eta_sq ** -0.5:g}"
@@ -74,18 +74,23 @@ class ALLoRAConfig(AdapterConfig):
     """ALLoRA, Huang & Balestriero 2024 (arXiv:2410.09692): adaptive per-row gradient scaling."""
 
     r: int = opt(8, "rank of the update")
+    # the paper drops α/r (arXiv:2410.09692 §4); under Adam the coefficients c cancel to first order,
+    # so without it the update moves at r/α of LoRA's speed: kept, with LoRA's default, as a drop-in
+    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / r, as LoRA's (lora_alpha = r: the paper's scale 1)")
     eta: float = opt(2.0, "the row coefficient's ceiling η (the paper's listing uses η² = 4)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"allora r must be an integer >= 1, got {self.r!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"allora lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not self.eta > 0:
             raise ValueError(f"allora eta must be > 0, got {self.eta!r}")
 
     def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
-        # a plain PEFT LoRA with lora_alpha = r, i.e. scale 1, and no dropout
-        return {"r": self.r, "lora_alpha": self.r, "lora_dropout": 0.0, "use_rslora": False, "bias": "none",
+        # a plain PEFT LoRA without dropout
+        return {"r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": 0.0, "use_rslora": False, "bias": "none",
                 "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
 
     def peftlab_fields(self) -> dict[str, Any]:
@@ -97,7 +102,7 @@ class ALLoRAConfig(AdapterConfig):
 
     @classmethod
     def from_peft_fields(cls, saved: dict[str, Any]) -> dict[str, Any]:
-        if saved.get("lora_alpha") != saved.get("r") or saved.get("lora_dropout", 0.0) or saved.get("rank_pattern"):
-            raise ValueError("an ALLoRA adapter is a plain LoRA with lora_alpha == r, no dropout, one rank; "
-                             "this file is not one (load it as 'lora')")
-        return {"r": saved["r"]}
+        if saved.get("lora_dropout", 0.0) or saved.get("rank_pattern"):
+            raise ValueError("an ALLoRA adapter is a plain LoRA without dropout, of one rank; this file is not one "
+                             "(load it as 'lora')")
+        return {"r": saved["r"], "lora_alpha": saved["lora_alpha"]}
