@@ -111,24 +111,24 @@ def _trace(build, config, adapter, method, settings, batch_size, seq_len, checkp
                     model(input_ids=ids, labels=labels).loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-            frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
+            frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
             sizes = _unit_sizes(model)
     finally:
         kernels._SCRATCH = scratch
     adapter_bytes = sum(p.numel() * (2 * p.element_size() + 8) for p in trainable)
-    traced = {"peak": live.peak, "adapter": adapter_bytes,
-              "frozen": sum(p.numel() * p.element_size() for p in frozen.values())}
+    traced = {"peak": live.peak, "adapter": adapter_bytes, "frozen": frozen}
     return (traced, *sizes)
 
 
 def _unit_sizes(model: nn.Module) -> tuple[int, int, int]:
     """Float bytes of the largest transformer block, the largest other FSDP unit (embeddings,
     head) and the largest single linear weight."""
+    from .sharding import transformer_blocks
+
     def size(module: nn.Module) -> int:
         return sum(p.numel() * 4 for p in module.parameters() if not p.requires_grad)
 
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    blocks = transformer_blocks(model)
     ends = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     linears = [m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear)]
     return max(map(size, blocks), default=0), max(map(size, ends), default=0), max(linears, default=0)

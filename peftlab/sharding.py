@@ -38,6 +38,9 @@ def shard(model: nn.Module) -> nn.Module:
     if is_sharded(model):
         raise ValueError("this model is already sharded")
     blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"cannot shard {type(model).__name__}: it names no transformer block class "
+                         "(`_no_split_modules`); fsdp=true needs a transformers model")
     # the input embeddings and the output head get units of their own: inside the root's they would
     # stay gathered for the whole forward, and with large vocabularies they are a block's size or more
     # (tied ones stay in the root: a parameter belongs to one unit)
@@ -65,11 +68,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks FSDP wraps one by one: transformers names their classes in
     `_no_split_modules` (LlamaDecoderLayer, GPT2Block, BertLayer, ...)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
-    if not blocks:
-        raise ValueError(f"cannot shard {type(model).__name__}: it names no transformer block class "
-                         "(`_no_split_modules`); fsdp=true needs a transformers model")
-    return blocks
+    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
 
 
 @contextmanager

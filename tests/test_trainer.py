@@ -1,7 +1,6 @@
 """The Accelerate trainer: hook placement, exact resume after a kill, 2-process equality, NaN
 handling, QLoRA training, checkpoints, config validation."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

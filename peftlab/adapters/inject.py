@@ -208,8 +208,10 @@ def merge(model: nn.Module) -> nn.Module:
     holding dequantize(W) + ΔW: re-quantizing would throw most of the update away, so peftlab
     never does it silently.
     """
+    from ..sharding import is_sharded  # sharding builds on this module
+
     state = state_of(model)
-    if hasattr(model, "_peftlab_gradient_sync"):
+    if is_sharded(model):
         raise ValueError("cannot merge a sharded model (each process holds a slice of the base); save its adapter "
                          "and merge it into the unsharded base: peftlab merge RUN_DIR, or load_adapter + merge")
     dequantized = []
