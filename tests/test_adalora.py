@@ -19,15 +19,23 @@ def adalora(model=None, **kw):
 
 
 
-def test_identity_at_init_and_init_gradients():
+@pytest.mark.parametrize("like_lora", [True, False])
+def test_identity_at_init_and_init_gradients(like_lora):
+    """Both starts leave the model at the base. The paper's (E = 0) moves only E first; the default
+    (B = 0) moves only B first, against A ⊙ E = LoRA's kaiming A times one constant."""
     x = tokens()
     base = tiny_llama()
-    model = adalora(orth_reg_weight=0.0)
+    model = adalora(orth_reg_weight=0.0, init_like_lora=like_lora)
     assert torch.equal(model(x).logits, base(x).logits)
     model(x, labels=x).loss.backward()
     for layer in model.peftlab.layers.values():
-        assert torch.count_nonzero(layer.lora_E.grad) > 0
-        assert torch.count_nonzero(layer.lora_A.grad) == 0 and torch.count_nonzero(layer.lora_B.grad) == 0
+        moving, still = (("lora_B",), ("lora_A", "lora_E")) if like_lora else (("lora_E",), ("lora_A", "lora_B"))
+        assert all(torch.count_nonzero(getattr(layer, k).grad) > 0 for k in moving)
+        assert all(torch.count_nonzero(getattr(layer, k).grad) == 0 for k in still)
+        if like_lora:  # c·E·√init_r = (α/target_r)·√target_r: the first steps move ΔW as LoRA r=target_r
+            assert torch.all(layer.lora_E == layer.lora_E[0])
+            assert (layer.scale * layer.lora_E[0, 0] * 6 ** 0.5).item() == pytest.approx(16 / 2 * 2 ** 0.5, rel=1e-4)
+            assert layer.lora_A.abs().max() <= 1 / 32 ** 0.5  # kaiming-uniform bound 1/√d_in
 
 
 def test_regularizer_is_the_formula_over_every_module_and_its_gradient_reaches_A_and_B():
@@ -184,7 +192,7 @@ def test_equals_peft_step_by_step_with_its_regularizer():
     settings = dict(init_r=6, target_r=2, total_step=24, tinit=3, tfinal=6, deltaT=2, beta1=0.85, beta2=0.85,
                     orth_reg_weight=0.3, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     theirs = get_peft_model(tiny_llama(), AdaLoraConfig(task_type="CAUSAL_LM", **settings)).train()
-    ours = adalora(**settings, e_scale=1.0).train()  # PEFT's parametrization: E a plain parameter
+    ours = adalora(**settings).train()
     names = list(ours.peftlab.layers)
     with torch.no_grad():
         for name in names:
@@ -302,5 +310,5 @@ def test_default_first_steps_change_the_update_as_much_as_loras(method, settings
     lora = first_step_change("lora")
     ours = first_step_change(method, **settings)
     assert 0.5 < ours / lora < 2, (method, ours / lora)
-    if method == "adalora":  # PEFT's parametrization, for contrast
-        assert first_step_change("adalora", e_scale=1.0) / lora < 0.2
+    if method == "adalora":  # the paper's and PEFT's start and parametrization, for contrast
+        assert first_step_change("adalora", init_like_lora=False) / lora < 0.2

@@ -44,7 +44,7 @@ def test_directions_are_orthonormal_principal_components_not_the_mean():
     with pytest.warns(UserWarning, match="had not converged"):  # tau = 1: the PCA sees every batch once
         model = prepared(Shared(), [{"x": x[None]} for x in data], r=4, rho=1.0, tau=1.0, max_batches=len(data),
                          target_modules=["q"])
-    a = model.q.lora_A.detach()
+    a = model.q.lora_A.detach() * 3 ** 0.5  # rows at LoRA's kaiming norm 1/√3 (design notes)
     torch.testing.assert_close(a @ a.t(), torch.eye(4), atol=1e-5, rtol=0)
     x = torch.cat(data).double()
     _, eigvecs = torch.linalg.eigh(torch.cov(x.t()))            # centred covariance, ascending
@@ -122,7 +122,7 @@ def test_layers_sharing_an_input_share_one_pca(whiten):
     if whiten:
         plain = prepared(Shared(), [{"x": x[None]} for x in data], r=4, rho=2.0, target_modules=["q", "k", "v", "flat"])
         ratio = layers["k"].lora_A[0].norm() / plain.peftlab.layers["k"].lora_A[0].norm()
-        assert ratio.item() == pytest.approx(layers["q"].lora_A[0].norm().item(), rel=1e-4)
+        assert ratio.item() == pytest.approx(3 ** 0.5 * layers["q"].lora_A[0].norm().item(), rel=1e-4)
 
 
 def test_a_layer_with_constant_input_gets_rank_zero_and_no_adapter():
@@ -175,7 +175,7 @@ def test_pooler_input_is_2d_and_saved_adapter_loads_in_peft(tmp_path):
     model = prepared(minilm_classifier(), batches, r=4)
     pooler = model.bert.pooler.dense  # its input is 2-D (batch, hidden): no token axis to mask
     if "bert.pooler.dense" in model.peftlab.layers:  # it may legitimately get rank 0 and be unwrapped
-        a = pooler.lora_A[:pooler.rank].detach()
+        a = pooler.lora_A[:pooler.rank].detach() * 3 ** 0.5  # rows at LoRA's norm 1/√3
         assert pooler.rank > 0
         torch.testing.assert_close(a @ a.t(), torch.eye(pooler.rank), atol=1e-4, rtol=0)  # PCA directions
     else:

@@ -92,20 +92,31 @@ def test_selection_is_the_top_h_by_smoothed_score():
     assert sorted(n for n in names if ranks[n] == 2) == sorted(names[-2:])
 
 
-def test_growth_scales_the_old_components_output_by_r_over_r_plus_m():
-    model = increlora(orth_reg_weight=0.0, advance_learn=False, rank_step=2)
+@pytest.mark.parametrize("live_rank, advance", [(True, False), (False, False), (False, True)])
+def test_growth_scales_the_old_components_output_by_r_over_r_plus_m_only_in_the_released_codes_scale(live_rank, advance):
+    """The released code's α/live rank drops a module's trained output by r/(r+m) when it grows;
+    the default α/target_r keeps it, and a joining component (E = 1e-5 after advance learning, or 0)
+    starts at the start value of E with its b shrunk by as much, so the output does not move."""
+    model = increlora(orth_reg_weight=0.0, advance_learn=advance, rank_step=2, scale_by_live_rank=live_rank)
     ctl = peftlab.controller(model)
     run(model, 3)  # the rank-1 components have trained; the reserves exist (at E = 0)
     layers = model.peftlab.layers
     x = torch.randn(3, 32)
     torch.set_grad_enabled(False)
     before = {name: layer.branch(x) for name, layer in layers.items()}
+    was_active = {name: layer.active.clone() for name, layer in layers.items()}
     ctl._grow(step=3)
     grown = [name for name, layer in layers.items() if layer.rank == 3]
     assert len(grown) == 2
     for name, layer in layers.items():  # α/(r + m): the old component's contribution drops by r/(r+m)
         m = layer.rank - 1
-        torch.testing.assert_close(layer.branch(x), before[name] * (1 + 1e-5) / (1 + m + 1e-5), atol=1e-7, rtol=1e-5)
+        drop = (1 + 1e-5) / (1 + m + 1e-5) if live_rank else 1.0
+        # the fresh reserves drawn after growth add terms at E = 1e-5 under advance learning
+        torch.testing.assert_close(layer.branch(x), before[name] * drop, atol=1e-6 if advance else 1e-7, rtol=1e-5)
+        joined = layer.active & ~was_active[name]  # a joining component starts as LoRA's: E at the start value
+        assert joined.any() == (name in grown)
+        assert torch.all(layer.lora_E[joined] == layer.start_value)
+        assert torch.all(layer.lora_B[:, joined].abs() < (1e-5 if advance else 1e-12))
     torch.set_grad_enabled(True)
 
 

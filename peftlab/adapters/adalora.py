@@ -17,18 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import quant
 from .base import AdapterConfig, AdapterLayer, ScheduledController, opt
 from .registry import register
-from .svd import SVDLinear, matched_e_scale, orthogonality_penalty, update_sensitivity
+from .svd import SVDLinear, orthogonality_penalty, update_sensitivity
 
 
 class AdaLoRALinear(SVDLinear):
     def __init__(self, base_layer: nn.Module, config: "AdaLoRAConfig", name: str):
         # the scale keeps r0 for good, even after pruning and reloading, as the released code does
-        d_in = quant.base_shape(base_layer)[0]
-        e_scale = config.e_scale if config.e_scale is not None else matched_e_scale(config.init_r, config.target_r, d_in)
-        super().__init__(base_layer, config.init_r, config.lora_alpha, config.init_r, config.lora_dropout, e_scale)
+        super().__init__(base_layer, config.init_r, config.lora_alpha, config.init_r, config.lora_dropout)
+        if config.init_like_lora:
+            self.start_like_lora(config.init_r, config.target_r)
         pattern = config.rank_pattern.get(f"{name}.lora_E")
         if pattern is not None:  # a saved adapter: only the live triplets come from the file
             if len(pattern) != config.init_r:
@@ -131,12 +130,13 @@ class AdaLoRAConfig(AdapterConfig):
     beta1: float = opt(0.85, "EMA factor of the sensitivity")
     beta2: float = opt(0.85, "EMA factor of the uncertainty")
     orth_reg_weight: float = opt(0.1, "γ of the orthogonality regularizer (paper/official 0.1; PEFT's 0.5)")
-    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / init_r; with e_scale=None it trains like "
-                                  "a LoRA of this alpha and r = target_r")
-    # the paper and PEFT train E as a plain parameter (g = 1), which needs ~10x LoRA's learning rate
-    e_scale: float | None = opt(None, "g, a fixed factor on the stored singular values (an Adam lr multiplier on them); "
-                                      "None = per layer so the first steps match LoRA's (svd.matched_e_scale); "
-                                      "1 = the paper's and PEFT's parametrization")
+    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / init_r; it starts training like a LoRA of "
+                                  "this alpha and r = target_r")
+    # the paper (§3.1) starts at E = 0 with random A, B: the first steps then move E alone, along init_r
+    # random rank-one directions, and need ~10x LoRA's learning rate. Zeroing B instead keeps ΔW = 0 at
+    # init and makes the first phase LoRA's, so LoRA's learning rates carry over (benchmarks/README.md)
+    init_like_lora: bool = opt(True, "start as LoRA does (A kaiming, B = 0, E equal and non-zero); "
+                                     "False = the paper's and PEFT's start (E = 0, A, B ~ N(0, 0.02²))")
     lora_dropout: float = opt(0.0, "dropout on the adapter branch's input")
     rank_pattern: dict[str, list[bool]] = opt({}, "live triplets per module ('<module>.lora_E': [bool] * init_r); "
                                                   "written on save, read on load")
@@ -151,8 +151,6 @@ class AdaLoRAConfig(AdapterConfig):
             raise ValueError(f"adalora beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
         if self.orth_reg_weight < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError("adalora needs orth_reg_weight >= 0, lora_alpha > 0 and lora_dropout in [0, 1)")
-        if self.e_scale is not None and not self.e_scale > 0:
-            raise ValueError(f"adalora e_scale must be > 0 (or None), got {self.e_scale}")
         if self.total_step is None:
             return
         if self.total_step < 1:

@@ -6,7 +6,7 @@ budget redistributed across layers by explained variance.
 step), keeps an incremental PCA of every target layer's inputs (padding, and label -100 tokens
 for causal LMs, masked out) until its leading directions stop moving (cosine >= tau), gives the
 budget r x layers to the components with the largest explained-variance ratio (at most
-round(rho x r) per layer), and sets A to those directions, B to zero. Layers that share an input
+round(rho x r) per layer), and sets A to those directions (at LoRA's row norm), B to zero. Layers that share an input
 (q/k/v) are computed once. Before the optimizer exists the layers are trimmed to their ranks (and
 rank-0 layers unwrapped); afterwards (the HF callback) unused rows stay at zero, which is exact.
 """
@@ -26,6 +26,8 @@ from .base import AdapterLayer, Controller, opt, pattern_value
 from .inject import remove_layers
 from .lora import LoRAConfig, LoRALinear
 from .registry import register
+
+LORA_ROW_NORM = 1 / math.sqrt(3)  # a kaiming-uniform row's expected norm, U(±1/√d_in) over d_in entries
 
 
 class EVALinear(LoRALinear):
@@ -243,6 +245,9 @@ class EVAController(Controller):
             directions = pca.directions[:rank].clone()  # a clone: members must not whiten the owner twice
             if cfg.whiten:
                 directions /= pca.sigma[:rank].sqrt()[:, None]
+            # the paper's A rows are unit-norm directions (arXiv:2410.07170), √3 times the norm of LoRA's
+            # kaiming rows: at LoRA's α every step moved ΔW √3 further and diverged at LoRA's higher rates
+            directions *= LORA_ROW_NORM
             alpha = layer.alpha_nominal * rank / layer.r_nominal if cfg.adjust_scaling_factors else layer.alpha_nominal
             if trim:
                 layer.resize(rank)

@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import kernels, quant
+from .. import kernels
 from .base import AdapterConfig, AdapterLayer, ScheduledController, opt
 from .registry import register
-from .svd import SVDLinear, matched_e_scale, orthogonality_penalty
+from .svd import SVDLinear, orthogonality_penalty
 
 RESERVE_E = 1e-5
 
@@ -36,9 +36,10 @@ RESERVE_E = 1e-5
 class IncreLoRALinear(SVDLinear):
     def __init__(self, base_layer: nn.Module, config: "IncreLoRAConfig", name: str):
         ranknum = config.rank_pattern.get(name, config.init_r)
-        d_in = quant.base_shape(base_layer)[0]
-        e_scale = config.e_scale if config.e_scale is not None else matched_e_scale(config.init_r, config.target_r, d_in)
-        super().__init__(base_layer, config.max_rank, config.lora_alpha, ranknum, config.lora_dropout, e_scale)
+        scale_rank = ranknum if config.scale_by_live_rank else config.target_r
+        super().__init__(base_layer, config.max_rank, config.lora_alpha, scale_rank, config.lora_dropout)
+        if config.init_like_lora:
+            self.start_like_lora(ranknum, config.target_r)
         reserves = config.reserve_pattern.get(name, 0)
         self.active.zero_()[:ranknum] = True
         self.register_buffer("reserve", torch.zeros_like(self.active), persistent=False)
@@ -124,7 +125,7 @@ class IncreLoRAController(ScheduledController):
         rows = torch.arange(start, min(start + count, layer.active.numel()), device=layer.active.device)
         layer.lora_A[rows] = torch.randn(len(rows), layer.in_features, device=rows.device) * 0.02
         layer.lora_B[:, rows] = torch.randn(layer.out_features, len(rows), device=rows.device) * 0.02
-        layer.lora_E[rows] = RESERVE_E / layer.e_scale if self.config.advance_learn else 0.0
+        layer.lora_E[rows] = RESERVE_E if self.config.advance_learn else 0.0
         layer.reserve[rows] = True
         if self.config.advance_learn:
             self._birth(name, rows, ("lora_A", "lora_B"), step)
@@ -156,8 +157,17 @@ class IncreLoRAController(ScheduledController):
             grow = torch.nonzero(layer.reserve)[:, 0][:min(self.config.rank_step, left)]
             layer.reserve[grow] = False
             layer.active[grow] = True
-            layer.ranknum = float(layer.rank)
-            self._birth(name, grow, ("lora_E",) if self.config.advance_learn else ("lora_A", "lora_E", "lora_B"), step)
+            if self.config.scale_by_live_rank:
+                layer.ranknum = float(layer.rank)
+            if self.config.init_like_lora:
+                # it joins as a fresh LoRA component: E at the start value, b shrunk by as much, so ΔW is
+                # unchanged; b then grows from ~0 as LoRA's B does, along the a that advance learning found
+                value = layer.singular_values()[grow]                              # (m, 1): 1e-5, or 0
+                layer.lora_B[:, grow] *= (value / layer.start_value).t()
+                layer.lora_E[grow] = layer.start_value
+                self._birth(name, grow, ("lora_A", "lora_E", "lora_B"), step)
+            else:
+                self._birth(name, grow, ("lora_E",) if self.config.advance_learn else ("lora_A", "lora_E", "lora_B"), step)
             left -= len(grow)
             self._add_reserves(name, len(grow), step)
         if self.total_rank >= self.target_total:
@@ -224,7 +234,7 @@ class IncreLoRAController(ScheduledController):
                 for key, born in (("lora_A", self.ab_born[name]), ("lora_E", self.e_born[name]),
                                   ("lora_B", self.ab_born[name])):
                     self._fresh_update(layer.adapter_parameters()[key], before[key], born, step, key == "lora_B")
-            layer.lora_E[layer.reserve] = RESERVE_E / layer.e_scale if self.config.advance_learn else 0.0
+            layer.lora_E[layer.reserve] = RESERVE_E if self.config.advance_learn else 0.0
             layer.lora_E[~layer.live] = 0.0
         self.snapshot = {}
 
@@ -292,7 +302,8 @@ class IncreLoRAController(ScheduledController):
             layer.active.copy_(state[f"active.{name}"])
             layer.reserve.copy_(state[f"reserve.{name}"])
             layer.score = state[f"score.{name}"].clone()
-            layer.ranknum = float(layer.rank)
+            if self.config.scale_by_live_rank:
+                layer.ranknum = float(layer.rank)
         self.completed, self.started = bool(state["completed"]), bool(state["started"])
         self._set_scoring(not self.completed)
 
@@ -324,11 +335,14 @@ class IncreLoRAConfig(AdapterConfig):
     orth_reg_weight: float = opt(0.1, "γ of the orthogonality regularizer over active and reserve components")
     beta1: float = opt(0.85, "EMA factor of the module score")
     beta2: float = opt(0.85, "EMA factor of the score's uncertainty")
-    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / ranknum (the live rank); with e_scale=None "
-                                  "it starts training like a LoRA of this alpha and r = target_r")
-    # the paper trains E as a plain parameter (g = 1), which needs a several times larger learning rate than LoRA
-    e_scale: float | None = opt(None, "g, a fixed factor on the stored singular values (an Adam lr multiplier on them); "
-                                      "None = per layer so the first steps match LoRA's; 1 = the paper's parametrization")
+    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / target_r (lora_alpha / live rank with "
+                                  "scale_by_live_rank); it starts training like a LoRA of this alpha and r = target_r")
+    # the released code divides by the live rank, so each growth round shrinks the module's trained update
+    # by r/(r+m) at once, a jump the paper (arXiv:2308.12043) does not describe; a fixed α/target_r keeps ΔW continuous
+    scale_by_live_rank: bool = opt(False, "scale by lora_alpha / live rank, as the released code does")
+    # as AdaLoRA's: the paper starts at E = 0, whose first steps move E alone and need a larger learning rate
+    init_like_lora: bool = opt(True, "the initial components start as LoRA's (A kaiming, B = 0, E non-zero); "
+                                     "False = the paper's E = 0, A, B ~ N(0, 0.02²)")
     lora_dropout: float = opt(0.0, "dropout on the adapter branch's input")
     rank_pattern: dict[str, int] = opt({}, "live rank per module (written on save, read on load)")
     reserve_pattern: dict[str, int] = opt({}, "reserve components per module (written on save, read on load)")

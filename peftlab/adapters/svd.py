@@ -1,9 +1,6 @@
 """The SVD-shaped update that AdaLoRA and IncreLoRA share (AdaLoRA, arXiv:2303.10512, eq. 3):
 
-    ΔW = c · P Λ Q = c · B (A ⊙ g·E),   A: (rows, d_in), E: (rows, 1), B: (d_out, rows)
-
-g (`e_scale`) is a fixed per-layer factor on the stored singular values; under Adam it is exactly a
-learning-rate multiplier on them (see `matched_e_scale`). Files hold g·E, PEFT's singular values.
+    ΔW = c · P Λ Q = c · B (A ⊙ E),   A: (rows, d_in), E: (rows, 1), B: (d_out, rows)
 
 plus the two pieces of their controllers that are the same math: the orthogonality regularizer
 on P and Q, and the sensitivity moving averages that score a parameter's importance.
@@ -22,17 +19,17 @@ from .base import AdapterLayer
 class SVDLinear(AdapterLayer):
     """Triplets (row i of A, E_i, column i of B); `active` marks the ones that count towards the
     rank, and a masked triplet has E_i == 0. A and B start at N(0, 0.02²), E at 0, as the
-    released code does, so the wrapped model equals the base at step 0."""
+    released code does, so the wrapped model equals the base at step 0 (`start_like_lora` is the
+    other start with that property)."""
 
-    def __init__(self, base_layer: nn.Module, rows: int, alpha: float, ranknum: float, dropout: float,
-                 e_scale: float = 1.0):
+    def __init__(self, base_layer: nn.Module, rows: int, alpha: float, ranknum: float, dropout: float):
         super().__init__(base_layer)
         device = next(base_layer.parameters()).device
         self.lora_A = nn.Parameter(torch.randn(rows, self.in_features, device=device) * 0.02)   # (rows, d_in)
         self.lora_E = nn.Parameter(torch.zeros(rows, 1, device=device))                         # (rows, 1)
         self.lora_B = nn.Parameter(torch.randn(self.out_features, rows, device=device) * 0.02)  # (d_out, rows)
         self.register_buffer("active", torch.ones(rows, dtype=torch.bool, device=device), persistent=False)
-        self.alpha, self.ranknum, self.e_scale = alpha, float(ranknum), float(e_scale)
+        self.alpha, self.ranknum = alpha, float(ranknum)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     @property
@@ -46,9 +43,19 @@ class SVDLinear(AdapterLayer):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_E": self.lora_E, "lora_B": self.lora_B}
 
+    @torch.no_grad()
+    def start_like_lora(self, rows: int, target_r: int) -> None:
+        """The first `rows` triplets start as a LoRA update: A kaiming-uniform, B = 0, and one E value
+        chosen so that the first AdamW steps (which move B alone) change ΔW as much as LoRA's do at
+        the same α and r = target_r: c·E·√rows = (α/target_r)·√target_r."""
+        nn.init.kaiming_uniform_(self.lora_A[:rows], a=math.sqrt(5))
+        self.lora_B[:, :rows] = 0.0
+        self.start_value = self.ranknum / math.sqrt(target_r * rows)
+        self.lora_E[:rows] = self.start_value
+
     def singular_values(self) -> Tensor:
-        """g·E as the forward uses it (a masked AdaLoRA triplet may revive between masks: no mask here)."""
-        return self.lora_E * self.e_scale
+        """E as the forward uses it (a masked AdaLoRA triplet may revive between masks: no mask here)."""
+        return self.lora_E
 
     def low_rank_product(self) -> kernels.LowRankProduct | None:
         return kernels.LowRankProduct(self.lora_A * self.singular_values(), self.lora_B, self.scale,
@@ -90,21 +97,10 @@ class SVDLinear(AdapterLayer):
         rows = self.saved_rows()
         self.lora_E.zero_()
         self.lora_A[rows], self.lora_B[:, rows] = state["lora_A"], state["lora_B"]
-        self.lora_E[rows] = state["lora_E"] / self.e_scale
+        self.lora_E[rows] = state["lora_E"]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}/{self.lora_A.shape[0]}, scale={self.scale:g}"
-
-
-def matched_e_scale(rows: int, target_r: int, d_in: int, init_std: float = 0.02) -> float:
-    """The factor g that makes the first AdamW steps change ΔW as much as LoRA's do at the same
-    learning rate, α and r = target_r. At init only E moves (A and B get no gradient while E = 0),
-    each of its `rows` entries by about lr: ‖ΔW‖ ≈ c·g·lr·√rows·|a||b| with |a| = std·√d_in,
-    |b| = std·√d_out, c = α/rows. LoRA moves all d_out·r entries of B against A rows of norm 1/√3
-    (kaiming-uniform): ‖ΔW‖ ≈ (α/r)·lr·√(r·d_out)/√3. Equal when g = √rows / (√(3r)·std²·√d_in).
-    The paper's and PEFT's parametrization (g = 1) moves ~20x less per step on a 384-wide layer,
-    which is why AdaLoRA needs a ~10x larger learning rate than LoRA there."""
-    return math.sqrt(rows) / (math.sqrt(3 * target_r) * init_std ** 2 * math.sqrt(d_in))
 
 
 def orthogonality_penalty(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
