@@ -56,13 +56,16 @@ def test_bases_are_shared_seeded_and_unit_std():
     assert "bases" not in str(list(model.state_dict())), "bases never reach a state dict"
 
 
-def test_zero_init_gradients_reach_lambda_only():
+def test_zero_init_gradients_reach_gamma_only_and_files_hold_pefts_lambda():
+    """γ starts at 0 and moves first, like LoRA's B; λ holds PEFT's constant 1/d (stored divided by k)."""
     model = randlora(nn.Linear(24, 40))
+    layer = model.proj
     x = torch.randn(5, 24)
-    assert torch.count_nonzero(model.proj.delta_weight()) == 0
+    assert torch.count_nonzero(layer.delta_weight()) == 0
     model(x).pow(2).sum().backward()
-    assert torch.count_nonzero(model.proj.randlora_gamma.grad) == 0
-    assert torch.count_nonzero(model.proj.randlora_lambda.grad) > 0
+    assert torch.count_nonzero(layer.randlora_lambda.grad) == 0
+    assert torch.count_nonzero(layer.randlora_gamma.grad) > 0
+    torch.testing.assert_close(layer.peft_state()["randlora_lambda"], torch.full((layer.r, layer.n), 1 / 24))
 
 
 @pytest.mark.parametrize("d_out, d_in, r", [(64, 64, 8), (48, 80, 7), (80, 48, 7)])

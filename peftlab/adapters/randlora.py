@@ -78,8 +78,16 @@ class RandLoRALinear(FoldedLayer):
         self.d, self.D = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
         self.n = math.ceil(self.d / self.r)
         device = next(base_layer.parameters()).device
-        self.randlora_lambda = nn.Parameter(torch.zeros(self.r, self.n, device=device))                 # (r, n)
-        self.randlora_gamma = nn.Parameter(torch.full((self.n, self.d), 1 / max(self.n, self.d), device=device))  # (n, d)
+        # PEFT starts at λ = 0, γ = 1/d: the first steps then train only λ's r·n ≈ d entries (a rank-r update
+        # until γ moves), and γ, moving lr per step against its own 1/d, grows by x1.4 per step at lr 3e-3 on a
+        # 384-wide layer, so ΔW ∝ λγ accelerates: slow at lr 3e-4, diverging at 3e-3 on the reviews. As the
+        # official vision code does, γ starts at 0 (it moves like LoRA's B) and λ at a constant (like LoRA's A),
+        # PEFT's 1/d, stored divided by k = √(3/d) so that it moves by as much of itself per step as LoRA's
+        # kaiming rows do (an Adam learning-rate multiplier k on λ)
+        self.lambda_scale = math.sqrt(3 / self.d)
+        self.randlora_lambda = nn.Parameter(torch.full((self.r, self.n), 1 / max(self.n, self.d) / self.lambda_scale,
+                                                       device=device))                                   # (r, n)
+        self.randlora_gamma = nn.Parameter(torch.zeros(self.n, self.d, device=device))                  # (n, d)
         self.scale = config.randlora_alpha / config.r
         self.dropout = nn.Dropout(config.randlora_dropout) if config.randlora_dropout else None
         self.bases: RandomBases | None = None  # attached by the controller once every layer's size is known
@@ -87,6 +95,7 @@ class RandLoRALinear(FoldedLayer):
     def factors(self, lam: Tensor, gam: Tensor, autograd: bool = True) -> tuple[Tensor, Tensor]:
         """(Ã, B̃): Ã (n·r, d) row k·n+b, B̃ (D, n·r) column b·r+k, as PEFT flattens them."""
         a = self.bases.A[:, :, :self.d]                                   # (r, 1, d) view
+        lam = lam * self.lambda_scale                                     # the stored λ times k: PEFT's λ
         small = (ScaleBases.apply(a, lam, gam) if autograd else lam[:, :, None] * a * gam[None]).flatten(0, 1)
         large = self.bases.B[:self.D, :self.n, :].reshape(self.D, -1)     # (D, n·r)
         return small, large
@@ -113,8 +122,8 @@ class RandLoRALinear(FoldedLayer):
         _, large = self.factors(lam, gam, autograd=False)
         grad_small = (large.t() @ grad).view(self.r, self.n, self.d)         # ∂L/∂Ã
         a = self.bases.A[:, :, :self.d]
-        return ((grad_small * a * gam[None]).sum(2).to(lam.dtype),
-                (grad_small * a * lam[:, :, None]).sum(0).to(gam.dtype))
+        return ((grad_small * a * gam[None]).sum(2).mul(self.lambda_scale).to(lam.dtype),
+                (grad_small * a * (lam * self.lambda_scale)[:, :, None]).sum(0).to(gam.dtype))
 
     def branch(self, x: Tensor) -> Tensor:
         h = x.to(self.randlora_lambda.dtype)
@@ -131,11 +140,12 @@ class RandLoRALinear(FoldedLayer):
         return {"randlora_lambda": self.randlora_lambda, "randlora_gamma": self.randlora_gamma}
 
     def peft_state(self) -> dict[str, Tensor]:
-        return {"randlora_lambda": self.randlora_lambda.detach(), "randlora_gamma": self.randlora_gamma.detach()}
+        return {"randlora_lambda": self.randlora_lambda.detach() * self.lambda_scale,
+                "randlora_gamma": self.randlora_gamma.detach()}
 
     @torch.no_grad()
     def load_peft_state(self, state: dict[str, Tensor]) -> None:
-        self.randlora_lambda.copy_(state["randlora_lambda"])
+        self.randlora_lambda.copy_(state["randlora_lambda"] / self.lambda_scale)
         self.randlora_gamma.copy_(state["randlora_gamma"])
 
     def extra_repr(self) -> str:
