@@ -32,9 +32,9 @@ def test_identity_at_init_and_init_gradients(like_lora):
         moving, still = (("lora_B",), ("lora_A", "lora_E")) if like_lora else (("lora_E",), ("lora_A", "lora_B"))
         assert all(torch.count_nonzero(getattr(layer, k).grad) > 0 for k in moving)
         assert all(torch.count_nonzero(getattr(layer, k).grad) == 0 for k in still)
-        if like_lora:  # c·E·√init_r = (α/target_r)·√target_r: the first steps move ΔW as LoRA r=target_r
+        if like_lora:  # c·E = α/target_r: each triplet's first steps are those of a LoRA rank-one term
             assert torch.all(layer.lora_E == layer.lora_E[0])
-            assert (layer.scale * layer.lora_E[0, 0] * 6 ** 0.5).item() == pytest.approx(16 / 2 * 2 ** 0.5, rel=1e-4)
+            assert (layer.scale * layer.lora_E[0, 0]).item() == pytest.approx(16 / 2, rel=1e-4)
             assert layer.lora_A.abs().max() <= 1 / 32 ** 0.5  # kaiming-uniform bound 1/√d_in
 
 

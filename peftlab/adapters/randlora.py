@@ -80,7 +80,7 @@ class RandLoRALinear(FoldedLayer):
         device = next(base_layer.parameters()).device
         # PEFT starts at λ = 0, γ = 1/d: the first steps then train only λ's r·n ≈ d entries (a rank-r update
         # until γ moves), and γ, moving lr per step against its own 1/d, grows by x1.4 per step at lr 3e-3 on a
-        # 384-wide layer, so ΔW ∝ λγ accelerates: slow at lr 3e-4, diverging at 3e-3 on the reviews. As the
+        # 384-wide layer, so ΔW ∝ λγ accelerates with the learning rate (diverged at 3e-3 on the reviews). As the
         # official vision code does, γ starts at 0 (it moves like LoRA's B) and λ at a constant (like LoRA's A),
         # PEFT's 1/d, stored divided by k = √(3/d) so that it moves by as much of itself per step as LoRA's
         # kaiming rows do (an Adam learning-rate multiplier k on λ)
@@ -176,9 +176,9 @@ class RandLoRAConfig(AdapterConfig):
 
     r: int = opt(32, "rank of each random basis; smaller r means more bases and more parameters")
     # PEFT's default 640 (scale 20 at r = 32) moves ΔW ~6x faster per AdamW step than LoRA and diverges
-    # at LoRA's learning rates; None matches LoRA's first steps: λ's r·n ≈ d entries each move a rank-one
-    # term of norm √(D/d) (unit-std bases, γ = 1/d), LoRA's d_out·r entries of B move against A rows of
-    # norm 1/√3, so α/r = (16/8)·√8/√3 ≈ 3.27 (r·n ≈ d, D = d_out)
+    # at LoRA's learning rates; None matches LoRA's first steps: γ's n·d entries each move a column of
+    # B_b·A (entries of variance r) times λ = 1/d, ‖ΔW step‖ ≈ s·lr·√D (n·r ≈ d); LoRA's d_out·r entries
+    # of B move against A rows of norm 1/√3, (α/r)·lr·√(r·D)/√3 = 3.27·lr·√D at α = 16, r = 8
     randlora_alpha: float | None = opt(None, "the update is scaled by randlora_alpha / r (PEFT's convention); "
                                              "None = 3.27 x r, which trains like LoRA (alpha 16, r 8) at its learning rates")
     randlora_dropout: float = opt(0.0, "dropout on the branch input (0 keeps the fused single-product path)")

@@ -46,11 +46,13 @@ class SVDLinear(AdapterLayer):
     @torch.no_grad()
     def start_like_lora(self, rows: int, target_r: int) -> None:
         """The first `rows` triplets start as a LoRA update: A kaiming-uniform, B = 0, and one E value
-        chosen so that the first AdamW steps (which move B alone) change ΔW as much as LoRA's do at
-        the same α and r = target_r: c·E·√rows = (α/target_r)·√target_r."""
+        chosen so that the first AdamW steps (which move B alone) move each triplet as one of LoRA's
+        rank-one terms at the same α and r = target_r (c·E = α/target_r); with fewer rows than
+        target_r (IncreLoRA's start) E is √(target_r/rows) larger, so the module's first steps still
+        change ΔW as much as LoRA's do."""
         nn.init.kaiming_uniform_(self.lora_A[:rows], a=math.sqrt(5))
         self.lora_B[:, :rows] = 0.0
-        self.start_value = self.ranknum / math.sqrt(target_r * rows)
+        self.start_value = self.ranknum / target_r * max(1.0, math.sqrt(target_r / rows))
         self.lora_E[:rows] = self.start_value
 
     def singular_values(self) -> Tensor:
