@@ -1,7 +1,7 @@
 """Do the defaults transfer? Every method dropped in for LoRA in the README's hand-written loop, on
 real product reviews nobody here wrote, with the packaged MiniLM, over a learning-rate sweep.
 
-    python benchmarks/learning.py --data ../shared/data/kitchen-reviews            # the full sweep (~22 min)
+    python benchmarks/learning.py --data ../shared/data/kitchen-reviews            # the full sweep (~27 min)
     python benchmarks/learning.py --data DIR --methods lora,adalora --lrs 1e-3 --seeds 0 --no-peft   # a subset
 
 Data: the kitchen-appliance reviews of Blitzer et al. (ACL 2007), binary sentiment. The first
@@ -213,8 +213,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, by_lr in means.items():
-        ax.plot(lrs, [100 * by_lr[lr] for lr in lrs], "o--" if name.startswith("PEFT") else "o-", label=name)
+    colors = plt.cm.tab20.colors
+    for i, (name, by_lr) in enumerate(means.items()):
+        style = dict(color="black", linewidth=2.5) if name == "lora" else dict(color=colors[(2 * i) % 20 + (i >= 10)])
+        ax.plot(lrs, [100 * by_lr[lr] for lr in lrs], "o--" if name.startswith("PEFT") else "o-", label=name, **style)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("test accuracy (%)")
