@@ -225,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:  # one line, naming the problem; the traceback only when asked for
         return _report(e, debug)
+    finally:  # a launched run leaves its process group: gloo's threads otherwise race the interpreter's exit
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _report(e: Exception, debug: bool) -> int:

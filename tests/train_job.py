@@ -88,6 +88,8 @@ def main() -> None:
         json.dump(trainer.controller.report(), f, sort_keys=True)
     with open(os.path.join(args.out, f"storage_{rank}.json"), "w") as f:  # what this process holds
         json.dump({"frozen": frozen_bytes(model)}, f)
+    if torch.distributed.is_initialized():  # as the CLI does: gloo's threads otherwise race the exit
+        torch.distributed.destroy_process_group()
 
 
 def frozen_bytes(model: torch.nn.Module) -> int:
@@ -132,8 +134,9 @@ def assert_same_training(method: str, one: Path, two: Path, atol: float = 1e-5) 
     if method != "increlora":  # its module score Σ|ΔW ⊙ G| is not linear in each process's G (README)
         assert (one / "report_0.json").read_text() == reports[0]
         # EVA's PCA directions turn the ~1e-7 differences of batch-2 vs batch-4 matrix products into
-        # ~2e-5 (divided by the eigengap; CPU-dependent), so its init is compared at 1e-4
-        tolerance = max(atol, 1e-4) if method == "evalora" else atol
+        # ~2e-5 (divided by the eigengap; CPU-dependent), and 8 AdamW steps at lr 5e-3 on A rows of
+        # norm 1/√3 carry that to ~3e-4 in a trained entry, so its adapter is compared at 1e-3
+        tolerance = max(atol, 1e-3) if method == "evalora" else atol
         worst = {k: (first[k].float() - second[k].float()).abs().max().item() for k in first if first[k].numel()}
         assert max(worst.values()) <= tolerance, max(worst.items(), key=lambda kv: kv[1])
     if method != "evalora":  # EVA's init comes from the data; the others' can be rebuilt here
