@@ -302,3 +302,15 @@ def test_recipes_and_python_defaults_are_one_source():
             assert value == (list(expected) if isinstance(expected, tuple) else expected), (method, key, value, expected)
         rates.add(recipe["train"]["learning_rate"])
     assert rates == {1e-3}
+
+
+def test_a_command_leaves_the_process_group_it_ran_in(capsys):
+    """Under a launcher the CLI destroys the process group before exiting (gloo's threads otherwise
+    race the interpreter's teardown and abort a rank), whether the command succeeds or fails."""
+    import torch.distributed as dist
+
+    for argv, code in ((["adapters"], 0), (["train", "--adapter", "no-such-method"], 2)):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        assert main(argv) == code
+        assert not dist.is_initialized()
+    capsys.readouterr()

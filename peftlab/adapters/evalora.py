@@ -6,8 +6,8 @@ budget redistributed across layers by explained variance.
 step), keeps an incremental PCA of every target layer's inputs (padding, and label -100 tokens
 for causal LMs, masked out) until its leading directions stop moving (cosine >= tau), gives the
 budget r x layers to the components with the largest explained-variance ratio (at most
-round(rho x r) per layer), and sets A to those directions (at LoRA's row norm), B to zero. Layers that share an input
-(q/k/v) are computed once. Before the optimizer exists the layers are trimmed to their ranks (and
+round(rho x r) per layer), and sets A to those directions (at LoRA's row norm), B to zero.
+Layers that share an input (q/k/v) are computed once. Before the optimizer exists the layers are trimmed to their ranks (and
 rank-0 layers unwrapped); afterwards (the HF callback) unused rows stay at zero, which is exact.
 """
 from __future__ import annotations

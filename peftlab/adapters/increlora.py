@@ -1,13 +1,15 @@
 """IncreLoRA (Zhang et al. 2023, arXiv:2308.12043): start small and grow the rank of the modules
 whose update matters most, until a global budget is reached. Behaviour follows the released
-code, with a pre-allocated rank ceiling instead of new parameters mid-run.
+code, with a pre-allocated rank ceiling instead of new parameters mid-run, and by default with
+components that start as LoRA's and a scale that does not jump at growth (design notes).
 
-    ΔW = B (A ⊙ E) · α / (ranknum + 1e-5)       rows: [active | reserve | unused up to the ceiling]
+    ΔW = B (A ⊙ E) · α / (target_r + 1e-5)      rows: [active | reserve | unused up to the ceiling]
 
   * module score: Σ|ΔW ⊙ ∂L/∂ΔW| / √(d_out·d_in), smoothed like AdaLoRA's (Ī·Ū), paper eq. 6-8;
   * every `incre_interval` steps after `init_warmup`, the top-h modules activate their `rank_step`
-    reserve components and draw fresh reserves; ranknum grows, so the scale α/ranknum drops for
-    that module, as in the released code;
+    reserve components and draw fresh reserves; each joins at E = the start value with its b
+    shrunk by as much, so ΔW is continuous (`scale_by_live_rank` divides by the live rank instead,
+    as the released code does, which drops the module's update by r/(r+m) at each growth);
   * "advance learning": reserves train A and B at a tiny E = 1e-5 before they are activated;
   * a component that joins training trains as a fresh AdamW parameter would (its own moments,
     step count and bias correction) under its own learning-rate schedule, warm-up then linear
@@ -165,9 +167,8 @@ class IncreLoRAController(ScheduledController):
                 value = layer.singular_values()[grow]                              # (m, 1): 1e-5, or 0
                 layer.lora_B[:, grow] *= (value / layer.start_value).t()
                 layer.lora_E[grow] = layer.start_value
-                self._birth(name, grow, ("lora_A", "lora_E", "lora_B"), step)
-            else:
-                self._birth(name, grow, ("lora_E",) if self.config.advance_learn else ("lora_A", "lora_E", "lora_B"), step)
+            keep_ab = self.config.advance_learn and not self.config.init_like_lora  # A, B trained as reserves
+            self._birth(name, grow, ("lora_E",) if keep_ab else ("lora_A", "lora_E", "lora_B"), step)
             left -= len(grow)
             self._add_reserves(name, len(grow), step)
         if self.total_rank >= self.target_total:
