@@ -1,6 +1,7 @@
 """The Accelerate trainer: hook placement, exact resume after a kill, 2-process equality, NaN
 handling, QLoRA training, checkpoints, config validation."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -368,3 +369,18 @@ def test_a_launch_that_asked_for_two_processes_but_started_one_stops(tmp_path):
     assert run.returncode != 0
     assert "asked for 2 processes but this run sees one" in run.stderr and "--multi_gpu" in run.stderr
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_progress_bars_follow_tqdm_environment_variables():
+    """TQDM_DISABLE=1 silences every bar (an explicit disable=False would override it); quiet=True
+    silences a bar whatever the environment says (the non-main processes)."""
+    code = ("from peftlab.progress import progress; "
+            "print(progress(range(2)).disable, progress(range(2), quiet=True).disable)")
+
+    def disabled(**env):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+        return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                              text=True, check=True).stdout.split()
+
+    assert disabled(TQDM_DISABLE="1") == ["True", "True"]
+    assert disabled() == ["False", "True"]

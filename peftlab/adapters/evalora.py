@@ -20,8 +20,8 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from ..progress import progress
 from .base import AdapterLayer, Controller, opt, pattern_value
 from .inject import remove_layers
 from .lora import LoRAConfig, LoRALinear
@@ -179,8 +179,8 @@ class EVAController(Controller):
             pcas = {o: IncrementalPCA(caps[o]) for o in owners}
             pending: dict[str, list[Tensor]] = {o: [] for o in owners}
             ranks = dict(caps)
-            bar = tqdm(total=cfg.max_batches, desc="evalora prepare", dynamic_ncols=True,
-                       disable=dist.is_initialized() and dist.get_rank() != 0)
+            bar = progress(total=cfg.max_batches, desc="evalora prepare",
+                           quiet=dist.is_initialized() and dist.get_rank() != 0)
             for step in range(cfg.max_batches):
                 active = [o for o in owners if not bool(pcas[o].converged[:max(ranks[n] for n in names if owner[n] == o)].all())]
                 if not active and all(p.n for p in pcas.values()):

@@ -34,7 +34,6 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..adapters.base import Controller
@@ -42,6 +41,7 @@ from ..adapters.inject import controller as controller_of
 from ..adapters.inject import state_of
 from ..data import EpochBatches, PadCollator
 from ..io import atomic_write, save_adapter
+from ..progress import progress
 from ..sharding import is_sharded, no_sync, shard
 from .config import TrainConfig
 
@@ -128,8 +128,8 @@ class Trainer:
     def _train(self, resume_from_checkpoint: bool | str) -> dict[str, Any]:
         cfg, ctl = self.config, self.controller
         self.loop = loop = self._start(resume_from_checkpoint)
-        bar = tqdm(total=loop.total, initial=loop.step, desc="train", dynamic_ncols=True, mininterval=1.0,
-                   disable=cfg.disable_tqdm or not self.accelerator.is_main_process)
+        bar = progress(total=loop.total, initial=loop.step, desc="train", mininterval=1.0,
+                       quiet=cfg.disable_tqdm or not self.accelerator.is_main_process)
         loop.model.train()
         while loop.step < loop.total:
             loss, grad_norm = self._forward_backward(loop)
@@ -177,7 +177,7 @@ class Trainer:
         self.accelerator.print(f"peftlab: step {step + 1} skipped ({what}); weights and adapter state unchanged")
         return False
 
-    def _after_step(self, loop: _Loop, grad_norm: torch.Tensor, bar: tqdm) -> None:
+    def _after_step(self, loop: _Loop, grad_norm: torch.Tensor, bar: Any) -> None:
         cfg, step = self.config, loop.step
         if step % cfg.logging_steps == 0 or step == loop.total:
             loop.metrics = {"step": step, "learning_rate": loop.scheduler.get_last_lr()[0],
@@ -325,7 +325,7 @@ class Trainer:
         """Loss, plus accuracy (classification) or perplexity (causal LM), over every process."""
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
         return evaluate(self.model, data, self.collate, self.accelerator, self.config.per_device_eval_batch_size,
-                        progress=not self.config.disable_tqdm)
+                        show_progress=not self.config.disable_tqdm)
 
     # ------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, loop: _Loop) -> None:
@@ -519,7 +519,7 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]] | None, collate: Callable,
-             accelerator: Accelerator | None, batch_size: int, progress: bool = True) -> dict[str, float]:
+             accelerator: Accelerator | None, batch_size: int, show_progress: bool = True) -> dict[str, float]:
     """Loss, plus accuracy (classification) or perplexity (causal LM); with an accelerator, each
     process scores its share and the totals are summed."""
     if dataset is None or len(dataset) == 0:
@@ -531,8 +531,8 @@ def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]] | None, collate
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, count, correct
     causal = False
     model.eval()
-    for j in tqdm(range(0, batches * batch_size, batch_size), desc="eval", leave=False, dynamic_ncols=True,
-                  disable=not progress or rank != 0):
+    for j in progress(range(0, batches * batch_size, batch_size), desc="eval", leave=False,
+                      quiet=not show_progress or rank != 0):
         rows = mine[j:j + batch_size]
         # a process whose share ran out still runs a forward: a sharded model gathers weights in each
         batch = {k: v.to(device) for k, v in collate([dataset[i] for i in rows or [0]]).items()}
