@@ -6,7 +6,8 @@
     at T_p:    keep only the entries still below θ; the others freeze at their trained values
 
 The trainable state is `values` (one entry per selected weight, stored divided by the step
-scale k, so that AdamW moves each weight by k·lr per step) plus their indices: no dense mask, and no dense gradient outlives the backward of its layer. The dense W_eff is rebuilt in
+scale k, so that AdamW moves each weight by k·lr per step) plus their indices: no dense mask,
+and no dense gradient outlives the backward of its layer. The dense W_eff is rebuilt in
 backward rather than kept. Two slips of the released code are not reproduced: its rank loss
 never reaches the optimizer, and it writes |values| back unsigned.
 """
