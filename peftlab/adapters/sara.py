@@ -79,9 +79,13 @@ class SaRALayer(FoldedLayer):
         self.frozen_values = current.clone()
         return int((~self.frozen).sum())
 
+    def trained_weights(self) -> Tensor:
+        """The weights at idx as the forward uses them (k · values), differentiable."""
+        return self.values * self.step_scale
+
     def effective_values(self) -> Tensor:
         """The trained weights at idx (frozen ones at the values they froze with)."""
-        values = self.values.detach() * self.step_scale
+        values = self.trained_weights().detach()
         return torch.where(self.frozen, self.frozen_values, values) if len(self.frozen_values) else values
 
     # --- the adapter contract ---
@@ -111,7 +115,7 @@ class SaRALayer(FoldedLayer):
         self.base_values.copy_(self.storage_weight().detach().reshape(-1)[self.idx].float())
         self.values.copy_((self.base_values + state["sara_delta"]) / self.step_scale)
         self.frozen.copy_(state["sara_frozen"].bool())
-        self.frozen_values = self.values.detach() * self.step_scale if self.frozen.any() else self.frozen_values[:0]
+        self.frozen_values = self.trained_weights().detach() if self.frozen.any() else self.frozen_values[:0]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, selected={len(self.idx)}, trainable={int((~self.frozen).sum())}"
@@ -161,7 +165,7 @@ class SaRAController(ScheduledController):
         layer = self.layers[candidates[pick]]
         live = ~layer.frozen
         matrix = torch.zeros(layer.weight_shape.numel(), device=layer.idx.device, dtype=layer.values.dtype)
-        matrix = matrix.index_put((layer.idx[live],), layer.values[live] * layer.step_scale).view(layer.weight_shape)
+        matrix = matrix.index_put((layer.idx[live],), layer.trained_weights()[live]).view(layer.weight_shape)
         norm = torch.linalg.matrix_norm(matrix.float(), "nuc")  # its gradient is U Vᵀ at the entries
         self.nuclear_norm = float(norm.detach())
         return self.config.lambda_rank * norm
