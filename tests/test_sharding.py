@@ -15,7 +15,7 @@ from peftlab.sharding import is_sharded, shard
 
 from cases import CASES
 from conftest import tiny_gpt2, tiny_llama
-from train_job import ENV, HERE, assert_same_training, free_port, lm_dataset, run_job
+from train_job import HERE, assert_same_training, free_port, job_env, lm_dataset, run_job
 
 QLORA_METHODS = list(CASES)  # sara trains the 4-bit base's own entries; the others are LoRA-family
 
@@ -69,10 +69,10 @@ def test_a_killed_sharded_run_resumes_to_the_same_adapter(tmp_path):
            "--per-device", "2", "--fsdp"]
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
     killed = subprocess.run(torchrun + ["--master_port", str(free_port())] + job + ["--kill-at", "5"],
-                            env=ENV, capture_output=True, text=True)
+                            env=job_env(tmp_path), capture_output=True, text=True)
     assert killed.returncode != 0 and not (tmp_path / "cut" / "adapter_model.safetensors").exists()
     resumed = subprocess.run(torchrun + ["--master_port", str(free_port())] + job + ["--resume"],
-                             env=ENV, capture_output=True, text=True)
+                             env=job_env(tmp_path), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoint-4 at step 4" in resumed.stdout
     first, second = (load_file(str(d / "adapter_model.safetensors")) for d in (full, tmp_path / "cut"))

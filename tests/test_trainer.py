@@ -16,7 +16,7 @@ from peftlab.trainers.trainer import NonFiniteLossError, checkpoints
 
 from cases import CASES
 from conftest import tiny_llama
-from train_job import ENV, HERE, JOB_CONFIGS, assert_same_training, free_port, lm_dataset, run_job
+from train_job import HERE, JOB_CONFIGS, assert_same_training, free_port, job_env, lm_dataset, run_job
 
 STATELESS = {"randlora", "allora"}  # no controller state to resume (LoRA stays: it is the baseline)
 
@@ -90,14 +90,14 @@ def test_learning_rate_follows_transformers_schedule(tmp_path):
 @pytest.mark.parametrize("method", [m for m in CASES if m not in STATELESS])
 def test_interrupted_run_resumes_to_the_bitwise_same_adapter(method, tmp_path):
     job = [sys.executable, str(HERE / "train_job.py"), "--method", method, "--steps", "10"]
-    subprocess.run(job + [str(tmp_path / "full")], check=True, env=ENV, capture_output=True)
-    killed = subprocess.run(job + [str(tmp_path / "cut"), "--kill-at", "5"], env=ENV, capture_output=True)
+    subprocess.run(job + [str(tmp_path / "full")], check=True, env=job_env(tmp_path), capture_output=True)
+    killed = subprocess.run(job + [str(tmp_path / "cut"), "--kill-at", "5"], env=job_env(tmp_path), capture_output=True)
     assert killed.returncode == -9  # SIGKILL after step 5: checkpoint-4 is the newest
     assert [p.name for p in checkpoints(tmp_path / "cut")] == ["checkpoint-2", "checkpoint-4"]
     # the kill lands while AdaLoRA prunes (steps 2-7), IncreLoRA grows (steps 2-8) and right after SaRA
     # re-selects (after step 5, which checkpoint-4 precedes): their state must resume
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
-    resumed = subprocess.run(job + [str(tmp_path / "cut"), "--resume"], check=True, env=ENV, capture_output=True, text=True)
+    resumed = subprocess.run(job + [str(tmp_path / "cut"), "--resume"], check=True, env=job_env(tmp_path), capture_output=True, text=True)
     assert "resumed from" in resumed.stdout and "checkpoint-4 at step 4" in resumed.stdout
     full, cut = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("full", "cut"))
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
@@ -365,7 +365,7 @@ def test_a_launch_that_asked_for_two_processes_but_started_one_stops(tmp_path):
     """Without a GPU, `accelerate launch --num_processes 2 --cpu` starts ONE process: refused, with the fix."""
     launcher = Path(sys.executable).with_name("accelerate")
     run = subprocess.run([str(launcher), "launch", "--num_processes", "2", "--cpu", str(HERE / "train_job.py"),
-                          str(tmp_path), "--steps", "2"], env=ENV, capture_output=True, text=True)
+                          str(tmp_path), "--steps", "2"], env=job_env(tmp_path), capture_output=True, text=True)
     assert run.returncode != 0
     assert "asked for 2 processes but this run sees one" in run.stderr and "--multi_gpu" in run.stderr
     assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -105,7 +105,12 @@ def frozen_bytes(model: torch.nn.Module) -> int:
 
 
 HERE = Path(__file__).resolve().parent
-ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+
+
+def job_env(scratch: Path) -> dict:
+    """The environment of a launched job: this checkout importable, and TMPDIR in the test's own
+    directory (torchrun and accelerate leave a torchelastic_* directory per launch in TMPDIR)."""
+    return {**os.environ, "PYTHONPATH": str(HERE.parent), "TMPDIR": str(scratch)}
 
 
 def free_port() -> int:
@@ -126,7 +131,7 @@ def run_job(out: Path, method: str, *args: str, processes: int = 1, launcher: st
     else:
         command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
                    "--master_port", str(free_port()), *job]
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    done = subprocess.run(command, env=job_env(out.parent), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
