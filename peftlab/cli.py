@@ -29,8 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import Trainer, trainable_summary
     from .run import build_run, record_run, resolve, run_memory
 
-    fixed = {"train.output_dir": f"runs/{args.adapter}", **_fixed(args)}
-    config = resolve(args.adapter, args.config, args.overrides, fixed)
+    config = resolve(args.adapter, args.config, args.overrides, _fixed(args), {"train.output_dir": f"runs/{args.adapter}"})
     run = build_run(config)
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
@@ -124,6 +123,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.adapters.split(",") if m.strip()]
     passed = [*(["--model", args.model] if args.model else []), *(["--dataset", args.dataset] if args.dataset else [])]
+    if any(o.partition("=")[0] == "output_dir" for o in args.overrides):
+        raise ValueError("compare writes each method's run to OUTPUT_DIR/<method>: pass --output-dir, not output_dir=")
     fixed = {k: v for k, v in _fixed(args).items() if k != "train.output_dir"}
     print(text_table(compare(methods, Path(args.output_dir), args.budget, args.overrides, fixed, passed)))
     print(f"written to {args.output_dir}: compare.json, compare.png, one run directory per adapter")

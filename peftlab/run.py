@@ -1,7 +1,7 @@
 """A training run as data: what `peftlab train` resolves, builds, and records for the other commands.
 
     RunConfig = the method + its adapter settings, and the model, data and train sections
-    resolve(method, recipe, overrides)  -> RunConfig   recipe (package data) < key=value overrides
+    resolve(method, recipe, overrides)  -> RunConfig   recipe (package data) < key=value overrides < options
     build_run(config)                   -> Run         model wrapped, tokenizer, datasets, collator
     write_record(dir, ...) / read_record(dir)          run.json: the one file eval/merge/export/compare read
 
@@ -133,9 +133,10 @@ def load_recipe(path: str | os.PathLike | None = None, method: str | None = None
 
 
 def resolve(method: str, recipe: str | os.PathLike | None = None, overrides: list[str] = (),
-            fixed: dict[str, Any] | None = None) -> RunConfig:
+            fixed: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> RunConfig:
     """The run's settings: the recipe, then `key=value` overrides, then `fixed` ({"section.key": value},
-    the command line's options such as --model)."""
+    the command line's options such as --model; an override that says otherwise is an error), and
+    `defaults` (same form) for what none of them set."""
     name = get_method(method).name
     source = str(recipe) if recipe else f"peftlab/configs/{name}.yaml"
     data = load_recipe(recipe, name)
@@ -146,6 +147,7 @@ def resolve(method: str, recipe: str | os.PathLike | None = None, overrides: lis
         data[section] = dict(_mapping(data.get(section), f"{source}: section {section!r}"))
     valid = {"adapter_config": config_fields(get_method(name).config),
              **{s: [f.name for f in fields(cls)] for s, cls in SECTIONS.items()}}
+    given: dict[str, str] = {}  # "section.key": the override's text
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -156,9 +158,15 @@ def resolve(method: str, recipe: str | os.PathLike | None = None, overrides: lis
             raise ValueError(f"unknown key {key!r}{closest(key, everything)} (adapter, model, data and training keys "
                              f"are valid; `peftlab adapters --fields {name}` lists the adapter's)")
         data[section][key] = parse_value(text)
+        given[f"{section}.{key}"] = text
     for dotted, value in (fixed or {}).items():
         section, key = dotted.split(".")
+        if dotted in given and data[section][key] != value:
+            raise ValueError(f"{key}={given[dotted]} and the option that sets {key} to {value!r} disagree; give it once")
         data[section][key] = value
+    for dotted, value in (defaults or {}).items():
+        section, key = dotted.split(".")
+        data[section].setdefault(key, value)
     return RunConfig.from_dict(data, source)
 
 

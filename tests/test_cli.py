@@ -90,6 +90,24 @@ def test_dry_run_prints_settings_and_the_trainable_line(tiny_bert, reviews, caps
     assert re.search(r"expected peak memory per process: \d+\.\d\d GiB \(base weights .*\), at batches of 16 x \d+ tokens", out)
 
 
+def test_output_dir_comes_from_the_option_an_override_or_the_recipe_else_runs_adapter(tiny_bert, reviews, tmp_path,
+                                                                                       capsys):
+    def output_dir(*argv):
+        assert run("train", "--adapter", "lora", "--model", tiny_bert, "--dataset", reviews, "--dry-run", *argv) == 0
+        out = capsys.readouterr().out
+        return yaml.safe_load(out[:out.index("examples:")])["train"]["output_dir"]
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("adapter: lora\ntrain: {output_dir: from-recipe}\n")
+    assert output_dir() == "runs/lora"
+    assert output_dir("output_dir=elsewhere") == "elsewhere"  # the default runs/lora once overrode it, silently
+    assert output_dir("--output-dir", "flag") == "flag"
+    assert output_dir("--output-dir", "same", "output_dir=same") == "same"
+    assert output_dir("--config", recipe) == "from-recipe"
+    assert run("compare", "--adapters", "lora,sara", "output_dir=x") == 2
+    assert "pass --output-dir, not output_dir=" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["lerning_rate=1e-3"], "unknown key 'lerning_rate'; did you mean 'learning_rate'"),
     (["learning_rate=-1"], "learning_rate must be > 0, got -1"),
@@ -104,6 +122,8 @@ def test_dry_run_prints_settings_and_the_trainable_line(tiny_bert, reviews, caps
     (["eval_fraction=1.5"], "eval_fraction must be in (0, 1), got 1.5"),
     (["max_length=0"], "max_length must be >= 1"),
     (["task=chat"], "task must be one of seq-cls, causal-lm, got 'chat'"),
+    (["--output-dir", "a", "output_dir=b"], "output_dir=b and the option that sets output_dir to 'a' disagree"),
+    (["path=elsewhere"], "path=elsewhere and the option that sets path to "),
 ])
 def test_bad_settings_name_the_problem(argv, message, tiny_bert, reviews, capsys):
     adapter = [] if "--adapter" in argv else ["--adapter", "lora"]
