@@ -23,11 +23,11 @@ class Shared(nn.Module):
         return self.out(q) + self.k(x) + self.v(x) + self.flat(torch.ones_like(x))
 
 
-def synthetic(batches=24, tokens=256, d=64, seed=0):
+def synthetic(batches=24, tokens=256, d=64, seed=0, mean=5.0):
     """x = μ + Q diag(s) z with a well-separated spectrum s_i = 2^(-i/2) and a non-zero mean."""
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
-    mu = 5 * torch.randn(d, generator=g)
+    mu = mean * torch.randn(d, generator=g)
     s = 2 ** (-torch.arange(d) / 2)
     data = [mu + (torch.randn(tokens, d, generator=g) * s) @ q.t() for _ in range(batches)]
     return data, q, mu
@@ -44,13 +44,37 @@ def test_directions_are_orthonormal_principal_components_not_the_mean():
     with pytest.warns(UserWarning, match="had not converged"):  # tau = 1: the PCA sees every batch once
         model = prepared(Shared(), [{"x": x[None]} for x in data], r=4, rho=1.0, tau=1.0, max_batches=len(data),
                          target_modules=["q"])
-    a = model.q.lora_A.detach() * 3 ** 0.5  # rows at LoRA's kaiming norm 1/√3 (design notes)
+    a = model.q.lora_A.detach()
+    a = a / a.norm(dim=1, keepdim=True)  # directions; their scale is the next test's
     torch.testing.assert_close(a @ a.t(), torch.eye(4), atol=1e-5, rtol=0)
     x = torch.cat(data).double()
     _, eigvecs = torch.linalg.eigh(torch.cov(x.t()))            # centred covariance, ascending
     top = eigvecs.flip(1)[:, :4].t().float()
     assert ((a * top).sum(1).abs() >= 0.99).all()
     assert (a[0] @ (mu / mu.norm())).abs() < 0.5, "the mean direction would mean no centring"
+
+
+@pytest.mark.parametrize("mean", [5.0, 0.0])
+def test_a_responds_to_the_inputs_as_a_lora_a_does(mean):
+    """A's rows are scaled so that E‖A x‖² over the prepare inputs (mean included) is a kaiming-uniform
+    LoRA A's of the same rank (averaged over draws here). Where the leading directions carry the
+    inputs' energy, rows at LoRA's norm answer far more than LoRA's A: on MiniLM B's first steps
+    moved the output ~4x LoRA's and diverged at LoRA's higher rates (design notes)."""
+    data, _, _ = synthetic(mean=mean)
+    with pytest.warns(UserWarning, match="had not converged"):  # tau = 1: the PCA sees every batch once
+        model = prepared(Shared(), [{"x": x[None]} for x in data], r=4, rho=1.0, tau=1.0, max_batches=len(data),
+                         target_modules=["q"])
+    x = torch.cat(data).double()
+    moment = x.t() @ x / len(x)  # E[x xᵀ], uncentred
+    a = model.q.lora_A.detach().double()
+    lora = torch.empty(20000, *a.shape, dtype=torch.double)
+    for draw in lora:
+        nn.init.kaiming_uniform_(draw, a=5 ** 0.5)
+    response = lambda rows: torch.einsum("...ij,jk,...ik->...", rows, moment, rows).mean().item()  # noqa: E731
+    assert response(a) == pytest.approx(response(lora), rel=0.05)
+    if mean == 0:
+        at_lora_norm = a / a.norm(dim=1, keepdim=True) / 3 ** 0.5
+        assert response(at_lora_norm) > 10 * response(lora)
 
 
 def test_incremental_equals_batch_pca_at_full_rank():
@@ -116,13 +140,14 @@ def test_layers_sharing_an_input_share_one_pca(whiten):
     ranks = {n: layers[n].rank for n in layers}
     owner = max(("q", "k", "v"), key=lambda n: ranks[n])
     assert ranks["q"] == ranks[owner]
-    for member in ("k", "v"):
+    unit = lambda a: a / a.norm(dim=1, keepdim=True)  # noqa: E731
+    for member in ("k", "v"):  # a prefix of the owner's directions, each layer scaled for its own rank
         r = ranks[member]
-        torch.testing.assert_close(layers[member].lora_A[:r], layers["q"].lora_A[:r])  # a row prefix, scaled once
-    if whiten:
+        torch.testing.assert_close(unit(layers[member].lora_A[:r]), unit(layers["q"].lora_A[:r]))
+    if whiten:  # row i divided by √σ_i, with σ_i ∝ the spectrum's 2^(-i/2): 2^(i/4) relative to row 0
         plain = prepared(Shared(), [{"x": x[None]} for x in data], r=4, rho=2.0, target_modules=["q", "k", "v", "flat"])
-        ratio = layers["k"].lora_A[0].norm() / plain.peftlab.layers["k"].lora_A[0].norm()
-        assert ratio.item() == pytest.approx(3 ** 0.5 * layers["q"].lora_A[0].norm().item(), rel=1e-4)
+        ratio = layers["q"].lora_A[:4].norm(dim=1) / plain.peftlab.layers["q"].lora_A[:4].norm(dim=1)
+        torch.testing.assert_close(ratio / ratio[0], 2 ** (torch.arange(4) / 4), rtol=0.05, atol=0)
 
 
 def test_a_layer_with_constant_input_gets_rank_zero_and_no_adapter():
@@ -175,7 +200,8 @@ def test_pooler_input_is_2d_and_saved_adapter_loads_in_peft(tmp_path):
     model = prepared(minilm_classifier(), batches, r=4)
     pooler = model.bert.pooler.dense  # its input is 2-D (batch, hidden): no token axis to mask
     if "bert.pooler.dense" in model.peftlab.layers:  # it may legitimately get rank 0 and be unwrapped
-        a = pooler.lora_A[:pooler.rank].detach() * 3 ** 0.5  # rows at LoRA's norm 1/√3
+        a = pooler.lora_A[:pooler.rank].detach()
+        a = a / a.norm(dim=1, keepdim=True)
         assert pooler.rank > 0
         torch.testing.assert_close(a @ a.t(), torch.eye(pooler.rank), atol=1e-4, rtol=0)  # PCA directions
     else:

@@ -6,7 +6,8 @@ budget redistributed across layers by explained variance.
 step), keeps an incremental PCA of every target layer's inputs (padding, and label -100 tokens
 for causal LMs, masked out) until its leading directions stop moving (cosine >= tau), gives the
 budget r x layers to the components with the largest explained-variance ratio (at most
-round(rho x r) per layer), and sets A to those directions (at LoRA's row norm), B to zero.
+round(rho x r) per layer), and sets A to those directions, scaled so that A responds to the
+inputs as much as a LoRA A of the same rank does, and B to zero.
 Layers that share an input (q/k/v) are computed once. Before the optimizer exists the layers are trimmed to their ranks (and
 rank-0 layers unwrapped); afterwards (the HF callback) unused rows stay at zero, which is exact.
 """
@@ -102,6 +103,15 @@ class IncrementalPCA:
         self.n += m
         if previous is not None:
             self.converged = (self.directions * previous).sum(1) >= tau     # signed cosine, unit rows
+
+    def lora_response_scale(self, rows: Tensor) -> float:
+        """The factor that gives `rows` (scaled leading directions) the response E‖A x‖² to the inputs
+        seen of a LoRA A of as many kaiming-uniform rows, rows · E‖x‖² / (3 · d_in); 1/√3 (LoRA's row
+        norm) for orthonormal rows on isotropic centred inputs. Uncentred: the mean reaches A too."""
+        along = self.sigma[:len(rows)].double().pow(2) / self.n + (self.directions[:len(rows)].double() @ self.mean).pow(2)
+        response = (rows.double().pow(2).sum(1) * along).sum()
+        lora = len(rows) * (self.var.sum() + self.mean.pow(2).sum()) / (3 * self.mean.numel())
+        return math.sqrt(lora / response) if response > 0 else LORA_ROW_NORM
 
     @property
     def ratio(self) -> Tensor:
@@ -245,9 +255,10 @@ class EVAController(Controller):
             directions = pca.directions[:rank].clone()  # a clone: members must not whiten the owner twice
             if cfg.whiten:
                 directions /= pca.sigma[:rank].sqrt()[:, None]
-            # the paper's A rows are unit-norm directions (arXiv:2410.07170), √3 times the norm of LoRA's
-            # kaiming rows: at LoRA's α every step moved ΔW √3 further and diverged at LoRA's higher rates
-            directions *= LORA_ROW_NORM
+            # the paper's A rows are unit-norm (arXiv:2410.07170); along the inputs' leading directions even
+            # rows of LoRA's norm 1/√3 answered ~4x more than LoRA's (MiniLM), B's steps moved the output ~4x
+            # further and diverged at LoRA's higher rates: A answers its inputs as a LoRA A does
+            directions *= pca.lora_response_scale(directions)
             alpha = layer.alpha_nominal * rank / layer.r_nominal if cfg.adjust_scaling_factors else layer.alpha_nominal
             if trim:
                 layer.resize(rank)
