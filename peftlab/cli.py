@@ -29,7 +29,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import Trainer, trainable_summary
     from .run import build_run, record_run, resolve, run_memory
 
-    config = resolve(args.adapter, args.config, args.overrides, _fixed(args), {"train.output_dir": f"runs/{args.adapter}"})
+    config = resolve(args.adapter, args.config, args.overrides, _fixed(args),
+                     defaults={"train.output_dir": f"runs/{args.adapter}"})
     run = build_run(config)
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())

@@ -162,7 +162,8 @@ def resolve(method: str, recipe: str | os.PathLike | None = None, overrides: lis
     for dotted, value in (fixed or {}).items():
         section, key = dotted.split(".")
         if dotted in given and data[section][key] != value:
-            raise ValueError(f"{key}={given[dotted]} and the option that sets {key} to {value!r} disagree; give it once")
+            raise ValueError(f"{key}={given[dotted]} and the option that sets {key} to {value!r} disagree; "
+                             "give it once")
         data[section][key] = value
     for dotted, value in (defaults or {}).items():
         section, key = dotted.split(".")

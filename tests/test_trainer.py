@@ -97,7 +97,8 @@ def test_interrupted_run_resumes_to_the_bitwise_same_adapter(method, tmp_path):
     # the kill lands while AdaLoRA prunes (steps 2-7), IncreLoRA grows (steps 2-8) and right after SaRA
     # re-selects (after step 5, which checkpoint-4 precedes): their state must resume
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
-    resumed = subprocess.run(job + [str(tmp_path / "cut"), "--resume"], check=True, env=job_env(tmp_path), capture_output=True, text=True)
+    resumed = subprocess.run(job + [str(tmp_path / "cut"), "--resume"], check=True, env=job_env(tmp_path),
+                             capture_output=True, text=True)
     assert "resumed from" in resumed.stdout and "checkpoint-4 at step 4" in resumed.stdout
     full, cut = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("full", "cut"))
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)

@@ -108,9 +108,10 @@ class IncrementalPCA:
         """The factor that gives `rows` (scaled leading directions) the response E‖A x‖² to the inputs
         seen of a LoRA A of as many kaiming-uniform rows, rows · E‖x‖² / (3 · d_in); 1/√3 (LoRA's row
         norm) for orthonormal rows on isotropic centred inputs. Uncentred: the mean reaches A too."""
-        along = self.sigma[:len(rows)].double().pow(2) / self.n + (self.directions[:len(rows)].double() @ self.mean).pow(2)
+        k = len(rows)
+        along = self.sigma[:k].double().pow(2) / self.n + (self.directions[:k].double() @ self.mean).pow(2)  # E[(u·x)²]
         response = (rows.double().pow(2).sum(1) * along).sum()
-        lora = len(rows) * (self.var.sum() + self.mean.pow(2).sum()) / (3 * self.mean.numel())
+        lora = k * (self.var.sum() + self.mean.pow(2).sum()) / (3 * self.mean.numel())
         return math.sqrt(lora / response) if response > 0 else LORA_ROW_NORM
 
     @property
