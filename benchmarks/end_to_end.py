@@ -20,7 +20,8 @@ import torch
 
 import peftlab
 from peftlab.data import EpochBatches
-from peftlab.run import RunConfig, build_run, resolve
+from peftlab.recipes import RunConfig, resolve
+from peftlab.run import build_run
 
 
 def settings(method: str) -> RunConfig:

@@ -8,8 +8,10 @@
 import logging
 
 # bitsandbytes warns at import on AVX512-BF16 CPUs that an optional fast 4-bit kernel package is
-# missing; peftlab runs 4-bit bases through the exact dequantize path anyway (quant.keep_exact_cpu_path)
+# missing, and the `kernels` package that it asks for it warns that it cannot check the hub offline;
+# peftlab runs 4-bit bases through the exact dequantize path anyway (quant.keep_exact_cpu_path)
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels").setLevel(logging.ERROR)
 
 from .adapters import (  # noqa: E402
     AdapterConfig,

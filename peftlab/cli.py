@@ -1,5 +1,5 @@
-"""`peftlab ...`: train, adapters, merge, export, eval, generate, compare. Argument parsing and printing only;
-the work lives in peftlab.run (settings, building, the run record) and the library."""
+"""`peftlab ...`: train, keys, adapters, merge, export, eval, generate, compare. Argument parsing and
+printing only; settings live in peftlab.recipes, runs in peftlab.run, the work in the library."""
 from __future__ import annotations
 
 import argparse
@@ -13,30 +13,25 @@ from typing import Any
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
-def _fixed(args: argparse.Namespace) -> dict[str, Any]:
-    """Settings given as options rather than key=value."""
-    fixed = {"model.path": args.model, "data.dataset": args.dataset, "train.output_dir": args.output_dir}
-    fixed = {k: v for k, v in fixed.items() if v}
-    if getattr(args, "load_in_4bit", False):
-        fixed["model.load_in_4bit"] = True
-    return fixed
+def _options(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
+    """Settings given as the command's own options rather than key=value."""
+    given = {"model.path": (args.model, "--model"), "data.dataset": (args.dataset, "--dataset"),
+             "train.output_dir": (getattr(args, "output_dir", None), "--output-dir"),
+             "model.load_in_4bit": (getattr(args, "load_in_4bit", False) or None, "--load-in-4bit")}
+    return {key: (value, flag) for key, (value, flag) in given.items() if value}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Fine-tune a model with an adapter; with no --model/--dataset, the embedded sentiment demo."""
-    import yaml
-
+    """Fine-tune a model with an adapter; with no --model/--dataset, the embedded sentiment demo.
+    Settings are key=value (`peftlab keys` lists them, by section, with their defaults)."""
     from . import Trainer, trainable_summary
-    from .run import build_run, record_run, resolve, run_memory
+    from .recipes import resolve
+    from .run import build_run, describe_run, record_run
 
-    config = resolve(args.adapter, args.config, args.overrides, _fixed(args),
-                     defaults={"train.output_dir": f"runs/{args.adapter}"})
+    config = resolve(args.adapter, args.config, args.overrides, _options(args))
     run = build_run(config)
     if args.dry_run:
-        print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
-        print(f"examples: {len(run.train_set)} train, {len(run.eval_set)} eval")
-        print(trainable_summary(run.model))
-        print(run_memory(run))
+        print(describe_run(run))
         return 0
     trainer = Trainer(run.model, config.train, run.train_set, eval_dataset=run.eval_set, data_collator=run.collator)
     trainer.accelerator.print(trainable_summary(run.model))
@@ -44,23 +39,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = trainer.train(resume_from_checkpoint=args.resume)
     except KeyboardInterrupt:
-        step = trainer.loop.step if getattr(trainer, "loop", None) else 0
+        step = trainer.loop.step if trainer.loop else 0
         print(f"\npeftlab: interrupted at step {step}; resume with --resume (from the newest checkpoint-N, "
               f"which needs save_steps > 0)", file=sys.stderr)
         return EXIT_INTERRUPTED
     if trainer.accelerator.is_main_process:
-        result, written = record_run(run, trainer, result, time.perf_counter() - start)
-        print_table({"adapter": config.adapter, **result, "trainable": trainable_summary(run.model)})
+        result, written = record_run(run, result, time.perf_counter() - start)
+        print_table({"adapter": config.method, **result, "trainable": trainable_summary(run.model)})
         print(f"written to {config.train.output_dir}: {', '.join(written)}")
     return 0
 
 
 def print_table(values: dict[str, Any]) -> None:
     width = max(len(k) for k in values)
-    print("-" * (width + 30))
-    for key, value in values.items():
-        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    print("-" * (width + 30))
+    lines = [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in values.items()]
+    print("\n".join(["-" * (width + 30), *lines, "-" * (width + 30)]))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Every setting of a run, by section, with the value it resolves to for this adapter and task."""
+    from .recipes import keys_table, resolve
+
+    print(keys_table(resolve(args.adapter, overrides=[f"task={args.task}"])))
+    return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -80,8 +81,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .run import load_trained, refuse_overwriting
 
     refuse_overwriting(args.output_dir, args.adapter_dir)
-    if args.rank is not None and args.rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {args.rank}")
     errors = export_lora(load_trained(args.adapter_dir, args.model)[1], args.output_dir, rank=args.rank)
     print(f"exported {len(errors)} modules as LoRA to {args.output_dir}; relative error ||BA - dW|| / ||dW||: "
           f"max {max(errors.values()):.2e}, mean {sum(errors.values()) / len(errors):.2e}")
@@ -90,16 +89,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a trained adapter on its run's held-out data, or on --dataset's held-out tail."""
-    from .data import PadCollator
-    from .run import build_data, load_trained
-    from .trainers.trainer import evaluate
+    from .run import evaluate_trained
 
-    record, model, tokenizer = load_trained(args.adapter_dir, args.model)
-    config = record.config
-    config.data.dataset = args.dataset or config.data.dataset
-    _, eval_set, sources = build_data(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
-    print(f"scoring {len(eval_set)} examples of {sources[1]}")
-    print_table(evaluate(model, eval_set, PadCollator(tokenizer.pad_token_id), None, config.train.per_device_eval_batch_size))
+    print_table(evaluate_trained(args.adapter_dir, args.model, args.dataset))
     return 0
 
 
@@ -109,11 +101,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import converse
     from .run import load_trained
 
-    record, model, tokenizer = load_trained(args.adapter_dir, args.model)
-    if record.config.model.task != "causal-lm":
-        raise ValueError(f"{args.adapter_dir} is a {record.config.model.task} run; generate needs a causal LM")
     if not (args.prompt or args.interactive):
         raise ValueError("pass --prompt TEXT, or --interactive for a conversation")
+    record, model, tokenizer = load_trained(args.adapter_dir, args.model, task="causal-lm")
     converse(model, tokenizer, None if args.interactive else args.prompt, args.system, args.max_new_tokens, args.temperature)
     return 0
 
@@ -124,10 +114,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.adapters.split(",") if m.strip()]
     passed = [*(["--model", args.model] if args.model else []), *(["--dataset", args.dataset] if args.dataset else [])]
-    if any(o.partition("=")[0] == "output_dir" for o in args.overrides):
-        raise ValueError("compare writes each method's run to OUTPUT_DIR/<method>: pass --output-dir, not output_dir=")
-    fixed = {k: v for k, v in _fixed(args).items() if k != "train.output_dir"}
-    print(text_table(compare(methods, Path(args.output_dir), args.budget, args.overrides, fixed, passed)))
+    options = {k: v for k, v in _options(args).items() if k != "train.output_dir"}
+    print(text_table(compare(methods, Path(args.output_dir), args.budget, args.overrides, options, passed)))
     print(f"written to {args.output_dir}: compare.json, compare.png, one run directory per adapter")
     return 0
 
@@ -136,14 +124,13 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     """Print the registry: name, aliases, file type, recipe, one line on the method."""
     from .adapters.registry import describe
 
-    print(describe(args.fields))
+    print(describe())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .adapters.registry import list_adapters
-
-    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning: seven adapters, one lifecycle.")
+    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning: seven adapters, "
+                                     "one lifecycle. Settings are key=value; `peftlab keys` lists them.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or PEFTLAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -153,32 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
-    def model_and_data(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", help="model path or hub name (default: the packaged MiniLM)")
-        p.add_argument("--dataset", help="a .jsonl/.json/.csv/.parquet file or a hub dataset (default: the embedded sentiment task)")
-
     p = command("train", cmd_train, "fine-tune with an adapter",
                 "peftlab train --adapter evalora r=16 learning_rate=5e-4 num_train_epochs=2\n"
-                "  peftlab train --adapter lora --model ./my-llama --dataset data.jsonl task=causal-lm")
-    p.add_argument("--adapter", required=True, help="method name: " + ", ".join(list_adapters()))
-    model_and_data(p)
+                "  peftlab train --adapter lora --model ./my-llama --dataset data.jsonl task=causal-lm\n"
+                "  peftlab keys --adapter lora --task causal-lm     # every key=value setting and its default")
+    p.add_argument("--adapter", help="method name (lora, adalora, increlora, evalora, randlora, allora, sara); "
+                                     "optional with --config, whose recipe names it")
     p.add_argument("--config", help="YAML recipe (default: the one peftlab ships for the adapter)")
     p.add_argument("--output-dir", help="where the adapter, checkpoints, metrics and plots go (default runs/<adapter>)")
     p.add_argument("--load-in-4bit", action="store_true", help="load the base in bitsandbytes NF4 (QLoRA)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in the output dir")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and the trainable-parameter line, then stop")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any adapter, model, data or training key")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="any adapter, model, data or training key")
+
+    k = command("keys", cmd_keys, "list every key=value setting with its default", "peftlab keys --adapter adalora")
+    k.add_argument("--adapter", default="lora", help="the method whose adapter keys to list (default lora)")
+    k.add_argument("--task", default="seq-cls", help="seq-cls or causal-lm: the training defaults differ by task")
 
     p = command("compare", cmd_compare, "train several methods at a matched budget",
                 "peftlab compare --adapters lora,evalora,adalora --budget 300000")
     p.add_argument("--adapters", required=True, help="comma-separated method names")
     p.add_argument("--budget", type=int, help="trainable adapter parameters each method is sized to (closest match)")
-    model_and_data(p)
     p.add_argument("--output-dir", default="runs/compare")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings applied to every run")
+    for p in (sub.choices["train"], sub.choices["compare"]):
+        p.add_argument("--model", help="model path or hub name (default: the packaged MiniLM)")
+        p.add_argument("--dataset", help="a data file or hub dataset (default: the embedded sentiment task)")
 
-    p = command("adapters", cmd_adapters, "list the adapter methods", "peftlab adapters --fields adalora")
-    p.add_argument("--fields", metavar="METHOD", help="also list the config fields of METHOD with defaults and help")
+    command("adapters", cmd_adapters, "list the adapter methods", "peftlab adapters")
 
     m = command("merge", cmd_merge, "merge an adapter into its base model", "peftlab merge runs/lora --output-dir merged/")
     m.add_argument("--load-in-4bit", action="store_true", help="load the base in 4-bit even if the run did not record it "
@@ -216,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come before and after options; argparse alone keeps only the first run
     strays = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("train", "compare")]
     if strays:
-        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+        settings = [k.replace("-", "_") + sep + v for k, sep, v in (s.lstrip("-").partition("=") for s in strays
+                                                                   if s.startswith("--"))]
+        hint = f"; settings are key=value, without dashes: {' '.join(settings)}" if settings else ""
+        parser.error(f"unrecognized arguments: {' '.join(strays)}{hint}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     debug = args.debug or os.environ.get("PEFTLAB_DEBUG") == "1"
@@ -237,7 +229,7 @@ def _report(e: Exception, debug: bool) -> int:
     """Exit 2 for bad input (a value, file or key the user gave), 1 for a failure while running."""
     import re
 
-    from .run import shorten
+    from .settings import shorten
 
     bad_input = isinstance(e, (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, IsADirectoryError,
                                NotADirectoryError, PermissionError, re.error))

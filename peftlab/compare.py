@@ -15,21 +15,24 @@ from typing import Any
 
 from .adapters.inject import target_shapes
 from .adapters.registry import get_method
-from .run import RECORD_NAME, load_base, resolve
+from .recipes import resolve
+from .run import RECORD_NAME, load_base
 
 
-def budget_settings(methods: list[str], budget: int, overrides: list[str], fixed: dict[str, Any]) -> dict[str, dict]:
+def budget_settings(methods: list[str], budget: int, overrides: list[str], options: dict[str, Any]) -> dict[str, dict]:
     """Each method's size settings whose final trainable count comes closest to `budget`."""
-    config = resolve(methods[0], overrides=overrides, fixed=fixed)
+    config = resolve(methods[0], overrides=overrides, options=options)
     model = load_base(config.model)
     return {m: get_method(m).config.for_budget(target_shapes(model, m), budget) for m in methods}
 
 
 def compare(methods: list[str], output_dir: Path, budget: int | None, overrides: list[str],
-            fixed: dict[str, Any], cli_args: list[str]) -> dict[str, Any]:
+            options: dict[str, Any], cli_args: list[str]) -> dict[str, Any]:
     """Train every method (a subprocess each), then write compare.json and compare.png."""
+    if any(o.partition("=")[0] == "output_dir" for o in overrides):
+        raise ValueError("compare writes each method's run to OUTPUT_DIR/<method>: pass --output-dir, not output_dir=")
     methods = [get_method(m).name for m in methods]
-    sizing = budget_settings(methods, budget, overrides, fixed) if budget else {m: {} for m in methods}
+    sizing = budget_settings(methods, budget, overrides, options) if budget else {m: {} for m in methods}
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in methods:

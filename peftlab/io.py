@@ -22,13 +22,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapters.base import PEFT_PREFIX as PREFIX
+from .adapters.layer import PEFT_PREFIX as PREFIX
 from .adapters.inject import state_of, unwrap, wrap
 from .adapters.registry import Method, get_method, list_adapters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFTLAB_NAME = "peftlab.json"
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PEFTLAB_NAME)
+RUN_RECORD = "run.json"  # a training run's settings and results (peftlab.run), beside its adapter
 FORMAT_VERSION = 1
 
 # PEFT config keys that describe the file or an init recipe, not the forward math.
@@ -282,6 +284,8 @@ def export_lora(model: nn.Module, output_dir: str | os.PathLike, rank: int | Non
     update is the truncated SVD of its delta. Returns each module's relative Frobenius error
     ‖BA − ΔW‖ / ‖ΔW‖ (0 where the export is exact).
     """
+    if rank is not None and rank < 1:
+        raise ValueError(f"the export rank must be >= 1, got {rank}")
     state = state_of(model)
     tensors, ranks, errors = {}, {}, {}
     for name, layer in state.layers.items():

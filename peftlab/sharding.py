@@ -57,11 +57,12 @@ def shard(model: nn.Module) -> nn.Module:
     # the root too (FSDP2 keeps the root gathered by default): it holds the embeddings and the head
     fully_shard(model, ignored_params=kept_whole, reshard_after_forward=True)
     model._peftlab_gradient_sync = GradientSync(trainable)
+    state_of(model).sharded = True
     return model
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return hasattr(model, "_peftlab_gradient_sync")
+    return hasattr(model, "_peftlab_gradient_sync")  # (a DDP wrapper has no such attribute; compile forwards it)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

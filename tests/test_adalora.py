@@ -251,7 +251,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"total_step": 0}, "adalora total_step must be >= 1"),
+    ({"total_step": 0}, "adalora: total_step must be an integer >= 1, got 0"),
     ({"total_step": 10, "tinit": 5, "tfinal": 5}, r"tinit=5 \+ tfinal=5 must be < total_step=10"),
     ({"total_step": 10, "init_r": 4, "target_r": 6}, "target_r=6 must be between 1 and init_r=4"),
 ])

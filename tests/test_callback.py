@@ -22,7 +22,8 @@ def test_callback_calls_the_lifecycle_once_per_optimizer_step(tmp_path):
     spy = spied(model)
     hf_trainer(model, tmp_path, max_steps=4).train()
     assert spy.calls == [("prepare", 3)] + [c for s in range(4) for c in (("before", s, True), ("after", s))]
-    assert torch.load(tmp_path / "checkpoint-4" / "peftlab_controller.pt", weights_only=True)["calls"] == 1 + 4 * 2
+    saved = torch.load(tmp_path / "checkpoint-4" / "peftlab_controller.pt", weights_only=True)
+    assert saved["controller"]["calls"] == 1 + 4 * 2 and saved["skipped"].tolist() == [0, 0]
 
 
 def test_callback_restores_controller_state_on_resume(tmp_path):

@@ -61,7 +61,7 @@ def test_train_each_method_end_to_end(method, tiny_bert, reviews, tmp_path, caps
         assert "ranks.png" in files
     record = read_record(out)
     assert record.result["step"] == 6 and 0 <= record.result["eval_accuracy"] <= 1
-    assert record.config.adapter == method and record.config.data.dataset == reviews
+    assert record.config.method == method and record.config.data.dataset == reviews
     assert "eval_accuracy" in capsys.readouterr().out
     loaded = peftlab.load_adapter(base_of(out), out)
     assert loaded.peftlab.method.name == method
@@ -110,7 +110,7 @@ def test_output_dir_comes_from_the_option_an_override_or_the_recipe_else_runs_ad
 
 @pytest.mark.parametrize("argv, message", [
     (["lerning_rate=1e-3"], "unknown key 'lerning_rate'; did you mean 'learning_rate'"),
-    (["learning_rate=-1"], "learning_rate must be > 0, got -1"),
+    (["learning_rate=-1"], "learning_rate=-1 (command line): TrainConfig: learning_rate must be a number > 0, got -1"),
     (["r=0"], "r must be an integer >= 1"),
     (["max_length"], "must look like key=value"),
     (["--adapter", "lorra"], "unknown adapter 'lorra'; did you mean 'lora'"),
@@ -118,12 +118,15 @@ def test_output_dir_comes_from_the_option_an_override_or_the_recipe_else_runs_ad
     (["learning_rate=abc"], "learning_rate must be a number, got 'abc'"),
     (["r=true"], "r must be an integer, got True"),
     (["lora_alpha=nan"], "lora_alpha must be a finite number, got nan"),
-    (["eval_fraction=0"], "eval_fraction must be in (0, 1), got 0"),
-    (["eval_fraction=1.5"], "eval_fraction must be in (0, 1), got 1.5"),
-    (["max_length=0"], "max_length must be >= 1"),
+    (["eval_fraction=0"], "eval_fraction must be a number in (0, 1), got 0"),
+    (["eval_fraction=1.5"], "eval_fraction must be a number in (0, 1), got 1.5"),
+    (["max_length=0"], "max_length=0 (command line): data: max_length must be an integer >= 1, got 0"),
+    (["seed=-1"], "seed=-1 (command line): TrainConfig: seed must be an integer in [0, 4294967296), got -1"),
+    (["r=4", "r=16"], "r is given twice (r=4, r=16); give it once"),
+    (["target_r=8"], "unknown key 'target_r'"),
     (["task=chat"], "task must be one of seq-cls, causal-lm, got 'chat'"),
-    (["--output-dir", "a", "output_dir=b"], "output_dir=b and the option that sets output_dir to 'a' disagree"),
-    (["path=elsewhere"], "path=elsewhere and the option that sets path to "),
+    (["--output-dir", "a", "output_dir=b"], "output_dir=b and --output-dir a disagree; give it once"),
+    (["path=elsewhere"], "path=elsewhere and --model "),
 ])
 def test_bad_settings_name_the_problem(argv, message, tiny_bert, reviews, capsys):
     adapter = [] if "--adapter" in argv else ["--adapter", "lora"]
@@ -185,25 +188,29 @@ def test_export_merge_and_eval(tiny_bert, reviews, tmp_path, capsys):
 
 
 def test_help_of_every_command_has_an_example(capsys):
-    for command in ("train", "adapters", "merge", "export", "eval", "compare"):
+    for command in ("train", "keys", "adapters", "merge", "export", "eval", "compare"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "example:" in capsys.readouterr().out
 
 
 def test_adapters_table_lists_every_method_and_its_recipe(capsys):
-    assert run("adapters", "--fields", "sara") == 0
+    assert run("adapters") == 0
     out = capsys.readouterr().out
-    assert all(m in out and f"configs/{m}.yaml" in out for m in METHODS)
-    assert "target_fraction = 0.05" in out and "eva" in out
+    assert all(m in out and f"configs/{m}.yaml" in out for m in METHODS) and "eva" in out
+    assert run("keys", "--adapter", "sara") == 0
+    out = capsys.readouterr().out
+    assert "adapter_config (sara):" in out and "target_fraction = 0.05" in out and "learning_rate = 0.001" in out
+    assert run("keys", "--adapter", "sara", "--task", "causal-lm") == 0
+    assert "learning_rate = 0.0002" in capsys.readouterr().out
 
 
 def test_every_registered_method_ships_a_recipe_and_a_missing_one_is_an_error(monkeypatch):
-    from peftlab import run as runlib
+    from peftlab import recipes as runlib
 
     assert runlib.recipe_names() == sorted(peftlab.list_adapters())
     for method in METHODS:
-        assert runlib.resolve(method).adapter == method
+        assert runlib.resolve(method).method == method
     monkeypatch.setattr(runlib, "recipe_names", lambda: [])
     with pytest.raises(FileNotFoundError, match="ships no recipe for 'nope'"):
         runlib.load_recipe(None, "nope")
@@ -308,20 +315,21 @@ def test_ctrl_c_says_how_to_resume(tiny_bert, reviews, tmp_path, capsys, monkeyp
 def test_recipes_and_python_defaults_are_one_source():
     """What `peftlab train --adapter X` uses is what `peftlab.wrap(model, X)` uses, and every method
     trains at the same learning rate: swapping methods needs no re-tuning."""
-    from dataclasses import MISSING, fields
+    from dataclasses import fields
 
-    from peftlab import run as runlib
+    from peftlab import recipes as runlib
+    from peftlab.settings import default_of
 
-    rates = set()
     for method in METHODS:
         recipe = runlib.load_recipe(None, method)
+        assert set(recipe) == {"adapter", "adapter_config"}, "training settings are the task's, one for every method"
         config_cls = peftlab.adapters.get_method(method).config
-        defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(config_cls)}
+        defaults = {f.name: default_of(f) for f in fields(config_cls)}
         for key, value in (recipe.get("adapter_config") or {}).items():
             expected = defaults[key]
             assert value == (list(expected) if isinstance(expected, tuple) else expected), (method, key, value, expected)
-        rates.add(recipe["train"]["learning_rate"])
-    assert rates == {1e-3}
+        assert runlib.resolve(method).train.learning_rate == 1e-3
+        assert runlib.resolve(method, overrides=["task=causal-lm"]).train.learning_rate == 2e-4
 
 
 def test_a_command_leaves_the_process_group_it_ran_in(capsys):

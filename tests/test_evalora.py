@@ -1,4 +1,6 @@
 """EVA (arXiv:2410.07170): PCA init, rank redistribution, masking, and parity with HF PEFT's EVA."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -242,7 +244,7 @@ def test_trainer_runs_prepare_once_without_an_optimizer_step(tmp_path):
     again = peftlab.wrap(tiny_llama(), "evalora", r=4)
     calls = []
     peftlab.controller(again).prepare = lambda *a: calls.append(1)
-    peftlab.Trainer(again, cfg, lm_dataset()).train()
+    peftlab.Trainer(again, dataclasses.replace(cfg, overwrite_output_dir=True), lm_dataset()).train()
     assert calls == [], "a second run with the same config and data reuses the cached prepare"
     assert again.peftlab.controller.prepared
 

@@ -224,7 +224,7 @@ def test_resume_continues_exactly():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"total_step": 0}, "increlora total_step must be >= 1"),
+    ({"total_step": 0}, "increlora: total_step must be an integer >= 1, got 0"),
     ({"total_step": 10, "init_r": 4, "target_r": 2}, "init_r=4 <= target_r=2"),
     ({"total_step": 10, "target_r": 8, "max_rank": 4}, "target_r=8 <= max_rank=4"),
 ])

@@ -11,8 +11,9 @@ from torch import nn
 
 import peftlab
 from peftlab import kernels
-from peftlab.adapters.base import AdapterLayer
-from peftlab.adapters.registry import config_fields, get_method
+from peftlab.adapters.layer import AdapterLayer
+from peftlab.adapters.registry import get_method
+from peftlab.settings import field_names as config_fields
 from peftlab.kernels import fusion
 
 from cases import CASES
@@ -285,18 +286,35 @@ def test_compiled_op_passes_opcheck(dropout, conv1d):
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-def test_fast_dropout_replaces_the_models_dropout_while_wrapped():
+def test_fast_dropout_replaces_the_models_dropout_only_while_the_trainer_trains(tmp_path):
+    """Wrapping leaves the user's own Dropout modules alone; peftlab.Trainer swaps them for
+    FastDropout while it trains (fast_dropout=True, the default) and puts them back, also when
+    training fails; fast_dropout=False keeps torch's."""
     from peftlab.kernels import FastDropout
+    from train_job import lm_dataset
+
+    def kinds(model):
+        return {type(m) for m in model.modules() if isinstance(m, nn.Dropout)}
 
     model = peftlab.wrap(tiny_gpt2(), "lora", r=2)
-    kinds = {type(m) for m in model.modules() if isinstance(m, nn.Dropout)}
-    assert kinds == {FastDropout}
-    peftlab.unwrap(model)
-    assert {type(m) for m in model.modules() if isinstance(m, nn.Dropout)} == {nn.Dropout}
-    merged = peftlab.merge(peftlab.wrap(tiny_gpt2(), "lora", r=2))
-    assert {type(m) for m in merged.modules() if isinstance(m, nn.Dropout)} == {nn.Dropout}
-    unfused = peftlab.wrap(tiny_gpt2(), "lora", r=2, fused=False)
-    assert {type(m) for m in unfused.modules() if isinstance(m, nn.Dropout)} == {nn.Dropout}
+    assert kinds(model) == {nn.Dropout}
+    seen = []
+    model.register_forward_hook(lambda *a: seen.append(kinds(model)))
+    config = dict(max_steps=2, per_device_train_batch_size=4, disable_tqdm=True, do_eval=False)
+    peftlab.Trainer(model, peftlab.TrainConfig(output_dir=str(tmp_path / "a"), **config), lm_dataset()).train()
+    assert seen and all(k == {FastDropout} for k in seen) and kinds(model) == {nn.Dropout}
+    seen.clear()
+    peftlab.Trainer(model, peftlab.TrainConfig(output_dir=str(tmp_path / "b"), fast_dropout=False, **config),
+                    lm_dataset()).train()
+    assert seen and all(k == {nn.Dropout} for k in seen)
+
+    def fail(*args):
+        raise RuntimeError("boom")
+
+    model.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        peftlab.Trainer(model, peftlab.TrainConfig(output_dir=str(tmp_path / "c"), **config), lm_dataset()).train()
+    assert kinds(model) == {nn.Dropout}
 
 
 def test_fast_dropout_masks_forward_and_backward_alike():

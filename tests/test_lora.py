@@ -205,11 +205,13 @@ def test_gaussian_init_and_disable():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"r": 0}, "r must be an integer >= 1"),
-    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
-    ({"lora_alpha": -1}, "lora_alpha must be > 0"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights must be"),
-    ({"rank_pattern": {"q_proj": -2}}, "rank_pattern values"),
-    ({"target_modules": 3}, "target_modules must be a string"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be a number in \[0, 1\), got 1.0"),
+    ({"lora_alpha": -1}, "lora_alpha must be a number > 0, got -1"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights must be one of True, False, gaussian, got 'pissa'"),
+    ({"rank_pattern": {"q_proj": -2}}, "rank_pattern must be a mapping of integers >= 0"),
+    ({"target_modules": 3}, "target_modules must be a string or a list of strings, got 3"),
+    ({"r": True}, "r must be an integer, got True"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number, got nan"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -5,7 +5,7 @@ import pytest
 from torch import nn
 
 import peftlab
-from peftlab.adapters import base, registry
+from peftlab.adapters import config, layer, registry
 
 from cases import CASES
 
@@ -14,7 +14,7 @@ def test_every_registered_method_has_a_case_config_layer_and_peft_type():
     assert sorted(CASES) == peftlab.list_adapters(), "add new methods to tests/cases.py"
     for name in peftlab.list_adapters():
         method = registry.get_method(name)
-        assert dataclasses.is_dataclass(method.config) and issubclass(method.layer, base.AdapterLayer)
+        assert dataclasses.is_dataclass(method.config) and issubclass(method.layer, layer.AdapterLayer)
         assert method.peft_type and isinstance(peftlab.get_config(name, **CASES[name].config), method.config)
 
 
@@ -37,14 +37,14 @@ def test_overrides_are_applied_and_configs_are_frozen():
 
 def test_registration_is_validated():
     with pytest.raises(ValueError, match="lowercase identifier"):
-        registry.register("Bad-Name", layer=base.AdapterLayer, peft_type="X")
+        registry.register("Bad-Name", layer=layer.AdapterLayer, peft_type="X")
     with pytest.raises(ValueError, match="'lora' is already registered"):
-        @registry.register("lora", layer=base.AdapterLayer, peft_type="X")
+        @registry.register("lora", layer=layer.AdapterLayer, peft_type="X")
         @dataclasses.dataclass(frozen=True, kw_only=True)
-        class Again(base.AdapterConfig):
+        class Again(config.AdapterConfig):
             pass
     with pytest.raises(TypeError, match="must be a dataclass extending AdapterConfig"):
-        registry.register("fresh", layer=base.AdapterLayer, peft_type="X")(nn.Linear)
+        registry.register("fresh", layer=layer.AdapterLayer, peft_type="X")(nn.Linear)
 
 
 def test_every_per_method_table_in_the_tests_covers_the_registry():

@@ -265,5 +265,5 @@ def test_step_scale_is_a_learning_rate_multiplier_on_the_weights():
     first = trained(2.0, 1e-3, steps=1)
     torch.testing.assert_close(first.abs(), torch.full_like(first, 2e-3), rtol=1e-3, atol=0)
     torch.testing.assert_close(trained(2.0, 1e-3), trained(1.0, 2e-3), rtol=1e-4, atol=1e-7)
-    with pytest.raises(ValueError, match="step_scale must be > 0"):
+    with pytest.raises(ValueError, match="sara: step_scale must be a number > 0, got 0"):
         peftlab.get_config("sara", step_scale=0)

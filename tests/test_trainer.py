@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import peftlab
-from peftlab.adapters.base import Controller
-from peftlab.trainers.trainer import NonFiniteLossError, checkpoints
+from peftlab.adapters.controller import Controller
+from peftlab.trainers import NonFiniteLossError
+from peftlab.trainers.checkpoint import checkpoints
 
 from cases import CASES
 from conftest import tiny_llama
@@ -121,11 +122,9 @@ def test_nonfinite_steps_are_skipped_and_counted_then_stop(tmp_path):
 
     def poison(module, args, output):
         calls.append(1)
-        if len(calls) in poisoned:
-            output.loss = output.loss * float("nan")
-        return output
+        return output * float("nan") if len(calls) in poisoned else output
 
-    model.register_forward_hook(poison)
+    model.model.norm.register_forward_hook(poison)
     trainer = peftlab.Trainer(model, config(tmp_path, max_steps=4), lm_dataset())
     trainer.train()
     assert trainer.nonfinite_total == 1
@@ -134,7 +133,7 @@ def test_nonfinite_steps_are_skipped_and_counted_then_stop(tmp_path):
     poisoned.update(range(100))
     calls.clear()
     model2 = peftlab.wrap(tiny_llama(), "lora", r=4)
-    model2.register_forward_hook(poison)
+    model2.model.norm.register_forward_hook(poison)
     with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row had a non-finite loss"):
         peftlab.Trainer(model2, config(tmp_path / "b", max_steps=10, max_nonfinite_steps=3), lm_dataset()).train()
 
@@ -195,15 +194,17 @@ def test_qlora_4bit_base_trains(method, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"learning_rate": 0}, "learning_rate must be > 0, got 0"),
+    ({"learning_rate": 0}, "learning_rate must be a number > 0, got 0"),
     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be an integer >= 1, got 0"),
-    ({"max_steps": 0}, "max_steps must be -1 .* or >= 1, got 0"),
-    ({"warmup_ratio": 1.5}, r"warmup_ratio must be in \[0, 1\), got 1.5"),
+    ({"max_steps": 0}, r"max_steps must be an integer -1 \(use num_train_epochs\) or >= 1, got 0"),
+    ({"warmup_ratio": 1.5}, r"warmup_ratio must be a number in \[0, 1\), got 1.5"),
     ({"lr_scheduler_type": "cosin"}, "lr_scheduler_type must be one of linear, cosine, .*, got 'cosin'"),
     ({"report_to": "tensorbored"}, "report_to must be one of auto, none, tensorboard"),
     ({"optim": "sgd"}, "optim must be one of"),
-    ({"max_grad_norm": -1}, "max_grad_norm must be >= 0"),
-    ({"num_train_epochs": 0}, "num_train_epochs must be > 0 when max_steps is -1"),
+    ({"max_grad_norm": -1}, "max_grad_norm must be a number >= 0, got -1"),
+    ({"num_train_epochs": 0}, "num_train_epochs must be a number > 0, got 0"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 4294967296\), got -1"),
+    ({"per_device_train_batch_size": 2.5}, "per_device_train_batch_size must be an integer, got 2.5"),
 ])
 def test_config_validation_names_the_value(kwargs, message):
     with pytest.raises(ValueError, match="TrainConfig: " + message):
@@ -310,7 +311,7 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path):
     peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=4, save_steps=2, save_total_limit=0),
                     lm_dataset()).train()
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
-    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-2, checkpoint-4\).*--resume"):
+    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoint-2, checkpoint-4, adapter_config.json.*--resume"):
         peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=2, save_steps=1), lm_dataset()).train()
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"], "nothing deleted"
     peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=3, save_steps=1, save_total_limit=2,
@@ -335,17 +336,27 @@ def test_resume_refuses_another_run(change, message, tmp_path):
 
 
 def test_an_output_dir_is_locked_by_its_run(tmp_path):
-    (tmp_path / ".peftlab.lock").write_text("1")  # pid 1 is alive: another run holds the directory
-    with pytest.raises(RuntimeError, match="in use by another peftlab run \\(pid 1\\)"):
-        peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=2), lm_dataset()).train()
-    (tmp_path / ".peftlab.lock").write_text("999999999")  # a process that is gone: its lock is taken over
+    """An flock held while the run lives: another live holder is refused by pid, a dead holder's lock
+    is free at once (the kernel released it), and a lock file naming an unrelated live pid is no lock."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "
+        "time.sleep(60)"), str(tmp_path / ".peftlab.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=rf"in use by another peftlab run \(pid {holder.pid}\)"):
+            peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=2), lm_dataset()).train()
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / ".peftlab.lock").write_text(str(os.getppid()))  # alive, but not a peftlab run holding it
     peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=4), config(tmp_path, max_steps=2), lm_dataset()).train()
     assert not (tmp_path / ".peftlab.lock").exists(), "released when the run ends"
 
 
 def test_skipped_steps_are_not_logged_as_a_loss_and_an_all_skipped_run_fails(tmp_path):
     model = peftlab.wrap(tiny_llama(), "lora", r=4)
-    model.register_forward_hook(lambda module, args, output: setattr(output, "loss", output.loss * float("nan")) or output)
+    model.model.norm.register_forward_hook(lambda module, args, output: output * float("nan"))
     with pytest.raises(NonFiniteLossError, match="every one of the 3 optimizer steps"):
         peftlab.Trainer(model, config(tmp_path, max_steps=3, max_nonfinite_steps=10), lm_dataset()).train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

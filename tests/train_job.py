@@ -132,7 +132,9 @@ def run_job(out: Path, method: str, *args: str, processes: int = 1, launcher: st
         command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
                    "--master_port", str(free_port()), *job]
     done = subprocess.run(command, env=job_env(out.parent), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the launcher's own lines (torchelastic's W/E log records) hide the failing rank's traceback
+    errors = "\n".join(line for line in done.stderr.splitlines() if not line[:1] in ("W", "E") or "Error" in line)
+    assert done.returncode == 0, done.stdout[-3000:] + errors[-6000:]
     return out
 
 

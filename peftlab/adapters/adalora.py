@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterConfig, AdapterLayer, ScheduledController, opt
+from ..settings import at_least, opt
+from .controller import ScheduledController
+from .layer import AdapterLayer
 from .registry import register
-from .svd import SVDLinear, orthogonality_penalty, update_sensitivity
+from .svd import SVDConfig, SVDLinear, orthogonality_penalty, update_sensitivity
 
 
 class AdaLoRALinear(SVDLinear):
@@ -116,59 +118,38 @@ class AdaLoRAController(ScheduledController):
 
 @register("adalora", layer=AdaLoRALinear, controller=AdaLoRAController, peft_type="ADALORA")
 @dataclass(frozen=True, kw_only=True)
-class AdaLoRAConfig(AdapterConfig):
+class AdaLoRAConfig(SVDConfig):
     """AdaLoRA, Zhang et al. 2023 (arXiv:2303.10512): importance-pruned SVD-form update."""
 
-    total_step: int | None = opt(None, "optimizer steps of the whole run, where the budget schedule ends; "
-                                       "None: the trainer fills in the run's length")
-    init_r: int = opt(12, "initial rank r0 of every module (the paper suggests 1.5 x target_r)")
-    target_r: int = opt(8, "average rank the global budget shrinks to")
-    tinit: int | None = opt(None, "steps before pruning starts; default 15% of total_step")
+    init_r: int = opt(12, "initial rank r0 of every module (the paper suggests 1.5 x target_r); the update is "
+                          "scaled by lora_alpha / init_r", check=at_least(1))
+    tinit: int | None = opt(None, "steps before pruning starts; default 15% of total_step", check=at_least(0))
     tfinal: int | None = opt(None, "final steps with the pattern frozen; default 35% of total_step "
-                                   "(so the budget shrinks over half of training, as the authors advise)")
-    deltaT: int = opt(1, "mask every deltaT steps while the budget shrinks")
-    beta1: float = opt(0.85, "EMA factor of the sensitivity")
-    beta2: float = opt(0.85, "EMA factor of the uncertainty")
-    orth_reg_weight: float = opt(0.1, "γ of the orthogonality regularizer (paper/official 0.1; PEFT's 0.5)")
-    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / init_r; it starts training like a LoRA of "
-                                  "this alpha and r = target_r")
-    # the paper (§3.1) starts at E = 0 with random A, B: the first steps then move E alone, along init_r
-    # random rank-one directions, and need ~10x LoRA's learning rate. Zeroing B instead keeps ΔW = 0 at
-    # init and makes the first phase LoRA's, so LoRA's learning rates carry over (benchmarks/README.md)
-    init_like_lora: bool = opt(True, "start as LoRA does (A kaiming, B = 0, E equal and non-zero); "
-                                     "False = the paper's and PEFT's start (E = 0, A, B ~ N(0, 0.02²))")
-    lora_dropout: float = opt(0.0, "dropout on the adapter branch's input")
+                                   "(so the budget shrinks over half of training, as the authors advise)",
+                             check=at_least(1))
+    deltaT: int = opt(1, "mask every deltaT steps while the budget shrinks", check=at_least(1))
+    orth_reg_weight: float = opt(0.1, "γ of the orthogonality regularizer (paper/official 0.1; PEFT's 0.5)",
+                                 check=at_least(0))
     rank_pattern: dict[str, list[bool]] = opt({}, "live triplets per module ('<module>.lora_E': [bool] * init_r); "
                                                   "written on save, read on load")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 1 <= self.target_r <= self.init_r:
+        if not self.target_r <= self.init_r:
             raise ValueError(f"adalora target_r={self.target_r} must be between 1 and init_r={self.init_r}")
-        if self.deltaT < 1:
-            raise ValueError(f"adalora deltaT must be >= 1, got {self.deltaT}")
-        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
-            raise ValueError(f"adalora beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
-        if self.orth_reg_weight < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-            raise ValueError("adalora needs orth_reg_weight >= 0, lora_alpha > 0 and lora_dropout in [0, 1)")
         if self.total_step is None:
             return
-        if self.total_step < 1:
-            raise ValueError(f"adalora total_step must be >= 1, got {self.total_step!r}")
         tinit = self.tinit if self.tinit is not None else int(0.15 * self.total_step)
         tfinal = self.tfinal if self.tfinal is not None else max(1, int(0.35 * self.total_step))
         object.__setattr__(self, "tinit", tinit)
         object.__setattr__(self, "tfinal", tfinal)
-        if tinit < 0 or tfinal < 1 or tinit + tfinal >= self.total_step:
+        if tinit + tfinal >= self.total_step:
             raise ValueError(f"adalora schedule leaves no budget phase: tinit={tinit} + tfinal={tfinal} must be "
-                             f"< total_step={self.total_step} (with tinit >= 0, tfinal >= 1)")
+                             f"< total_step={self.total_step}")
 
     @classmethod
     def sized(cls, size: int) -> dict[str, Any]:
         return {"target_r": size, "init_r": max(size, round(1.5 * size))}  # the paper's r0 = 1.5 x target
-
-    def final_parameter_count(self, shapes: list[tuple[int, int]]) -> int:
-        return sum(self.target_r * (d_out + d_in + 1) for d_out, d_in in shapes)  # A row, B column, E
 
     def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
         fields = super().peft_fields(layers)

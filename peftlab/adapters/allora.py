@@ -9,7 +9,6 @@ so that rows still at zero escape fast (c = η) and grown rows move carefully. O
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from .base import AdapterConfig, AdapterLayer, LowRankLayer, opt
+from ..settings import above, opt
+from .config import LowRankConfig
+from .layer import AdapterLayer, LowRankLayer
 from .registry import register
 
 
@@ -50,12 +51,8 @@ class ALLoRABranch(torch.autograd.Function):
 
 class ALLoRALinear(LowRankLayer):
     def __init__(self, base_layer: nn.Module, config: "ALLoRAConfig", name: str):
-        super().__init__(base_layer)
-        device = next(base_layer.parameters()).device
-        self.r, self.inv_eta_sq, self.scale = config.r, 1.0 / config.eta ** 2, config.lora_alpha / config.r
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))   # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))  # (d_out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's LoRA init; B = 0
+        super().__init__(base_layer, config.r, config.lora_alpha / config.r)  # no dropout: the method drops it
+        self.inv_eta_sq = 1.0 / config.eta ** 2
 
     def low_rank_product(self) -> kernels.LowRankProduct | None:
         c = row_coefficients(self.lora_A, self.lora_B, self.inv_eta_sq)
@@ -70,23 +67,14 @@ class ALLoRALinear(LowRankLayer):
 
 @register("allora", layer=ALLoRALinear, peft_type="LORA")
 @dataclass(frozen=True, kw_only=True)
-class ALLoRAConfig(AdapterConfig):
+class ALLoRAConfig(LowRankConfig):
     """ALLoRA, Huang & Balestriero 2024 (arXiv:2410.09692): adaptive per-row gradient scaling."""
 
-    r: int = opt(8, "rank of the update")
     # the paper drops α/r (arXiv:2410.09692 §4); under Adam the coefficients c cancel to first order,
     # so without it the update moves at r/α of LoRA's speed: kept, with LoRA's default, as a drop-in
-    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / r, as LoRA's (lora_alpha = r: the paper's scale 1)")
-    eta: float = opt(2.0, "the row coefficient's ceiling η (the paper's listing uses η² = 4)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"allora r must be an integer >= 1, got {self.r!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"allora lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not self.eta > 0:
-            raise ValueError(f"allora eta must be > 0, got {self.eta!r}")
+    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / r, as LoRA's (lora_alpha = r: the paper's scale 1)",
+                            check=above(0))
+    eta: float = opt(2.0, "the row coefficient's ceiling η (the paper's listing uses η² = 4)", check=above(0))
 
     def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
         # a plain PEFT LoRA without dropout

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..progress import progress
-from .base import AdapterLayer, Controller, opt, pattern_value
-from .inject import remove_layers
+from ..settings import Check, at_least, opt, within
+from .controller import Controller
+from .layer import AdapterLayer, pattern_value
 from .lora import LoRAConfig, LoRALinear
 from .registry import register
 
@@ -266,7 +267,7 @@ class EVAController(Controller):
             layer.set_rank(rank, alpha, cfg.scale(rank, alpha))
             layer.initialize(directions)
         if trim:
-            remove_layers(self.model, [n for n in names if ranks[n] == 0])
+            self.release_layers([n for n in names if ranks[n] == 0])
         self.prepared = True
 
     def before_optimizer_step(self, step: int) -> None:
@@ -284,7 +285,7 @@ class EVAController(Controller):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores ranks and shapes, so a resumed run never re-runs prepare (the weights follow)."""
-        remove_layers(self.model, [n for n in list(self.layers) if f"rank.{n}" not in state])
+        self.release_layers([n for n in list(self.layers) if f"rank.{n}" not in state])
         for name, layer in self.layers.items():
             rank, alpha = int(state[f"rank.{name}"]), float(state[f"alpha.{name}"])
             layer.resize(int(state[f"rows.{name}"]))
@@ -301,18 +302,15 @@ class EVAController(Controller):
 class EVAConfig(LoRAConfig):
     """EVA, Paischer et al. 2024 (arXiv:2410.07170): LoRA initialized from activation PCA."""
 
-    rho: float = opt(2.0, "a layer may take up to round(rho x r) components of the global budget (1 = no redistribution)")
-    tau: float = opt(0.99, "a direction has converged when its cosine with the previous estimate is >= tau")
+    rho: float = opt(2.0, "a layer may take up to round(rho x r) components of the global budget (1 = no redistribution)",
+                     check=at_least(1))
+    tau: float = opt(0.99, "a direction has converged when its cosine with the previous estimate is >= tau",
+                     check=within(0, 1, closed=True))
     use_label_mask: bool = opt(True, "causal LM: leave out tokens whose label is -100 (prompt, padding)")
     whiten: bool = opt(False, "divide each direction by the square root of its singular value (PEFT's whitening)")
     adjust_scaling_factors: bool = opt(True, "alpha follows the assigned rank, so the scale stays alpha / r (PEFT's default)")
-    max_batches: int = opt(100, "upper bound on the batches the PCA may see before it stops with a warning")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rho < 1 or not 0 <= self.tau <= 1 or self.max_batches < 2:
-            raise ValueError(f"evalora needs rho >= 1, 0 <= tau <= 1 and max_batches >= 2 "
-                             f"(got rho={self.rho}, tau={self.tau}, max_batches={self.max_batches})")
+    max_batches: int = opt(100, "upper bound on the batches the PCA may see before it stops with a warning",
+                           check=at_least(2))
 
     def rank_for(self, name: str) -> int:
         # before prepare every layer holds its cap round(rho x r); a saved adapter has its ranks

@@ -26,11 +26,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim.adamw import adamw
 
 from .. import kernels
-from .base import AdapterConfig, AdapterLayer, ScheduledController, opt
+from ..settings import at_least, opt
+from .controller import ScheduledController
+from .layer import AdapterLayer
 from .registry import register
-from .svd import SVDLinear, orthogonality_penalty
+from .svd import SVDConfig, SVDLinear, orthogonality_penalty
 
 RESERVE_E = 1e-5
 
@@ -224,23 +227,15 @@ class IncreLoRAController(ScheduledController):
                     grad[~rows] = 0
             if layer.lora_B.grad is not None:
                 layer.lora_B.grad[:, ~train_ab] = 0
-        self.snapshot = {name: {k: p.detach().clone() for k, p in layer.adapter_parameters().items()}
-                         for name, layer in self.layers.items() if self._has_young_rows(name)}
+        self.snapshot = self._young_rows(step)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        for name, layer in self.layers.items():
-            before = self.snapshot.get(name)
-            if before is not None:
-                for key, born in (("lora_A", self.ab_born[name]), ("lora_E", self.e_born[name]),
-                                  ("lora_B", self.ab_born[name])):
-                    self._fresh_update(layer.adapter_parameters()[key], before[key], born, step, key == "lora_B")
+        self._redo_young_rows(step)
+        for layer in self.layers.values():
             layer.lora_E[layer.reserve] = RESERVE_E if self.config.advance_learn else 0.0
             layer.lora_E[~layer.live] = 0.0
         self.snapshot = {}
-
-    def _has_young_rows(self, name: str) -> bool:
-        return any((born >= 0).any() for born in (self.e_born[name], self.ab_born[name]))
 
     def component_lr_factor(self, age: Tensor, born: Tensor) -> Tensor:
         """The released code's per-group schedule: linear warm-up over `component_warmup` steps, then
@@ -251,31 +246,48 @@ class IncreLoRAController(ScheduledController):
         down = ((remaining - age) / (remaining - warmup).clamp_min(1)).clamp_min(0)
         return torch.where(age < warmup, up, down).clamp(0, 1)
 
-    def _fresh_update(self, p: Tensor, old: Tensor, born: Tensor, step: int, columns: bool) -> None:
-        """Redo this step's AdamW update of the rows born before `step` with their own step count
-        (bias correction) and learning-rate schedule, as a parameter group created at birth gets."""
-        rows = torch.nonzero((born >= 0) & (born < step))[:, 0]  # a row born at `step` starts at the next
-        if not len(rows):
-            return
-        group = next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
-        state = self.optimizer.state.get(p, {})
-        if "exp_avg" not in state or group.get("amsgrad") or "betas" not in group:
-            self._warn_unsupported()
-            return
-        age = (step - born[rows]).float().to(p.device)                     # 1 on the component's first step
-        lr = group.get("initial_lr", group["lr"]) * self.component_lr_factor(age, born[rows].to(p.device))
-        rows = rows.to(p.device)
-        m, v, w = (t[:, rows].t() if columns else t[rows] for t in (state["exp_avg"], state["exp_avg_sq"], old))
-        shape = (-1,) + (1,) * (m.dim() - 1)
-        beta1, beta2 = group["betas"]
-        correction1, correction2 = 1 - beta1 ** age.view(shape), 1 - beta2 ** age.view(shape)
-        lr = lr.view(shape)
-        # torch.optim.AdamW's update, with the component's own step count
-        new = w * (1 - lr * group["weight_decay"]) - lr / correction1 * m / (v.sqrt() / correction2.sqrt() + group["eps"])
-        if columns:
-            p[:, rows] = new.t().to(p.dtype)
-        else:
-            p[rows] = new.to(p.dtype)
+    @torch.no_grad()
+    def _young_rows(self, step: int) -> dict[tuple[str, str], tuple[Tensor, Tensor, list[Tensor]]]:
+        """The rows that joined training before `step` (a row born at `step` starts at the next), with
+        their values, gradients and AdamW moments before this step's update: (rows, born, tensors)."""
+        young = {}
+        for name, layer in self.layers.items():
+            for key, p in layer.adapter_parameters().items():
+                born = (self.e_born if key == "lora_E" else self.ab_born)[name]
+                rows = torch.nonzero((born >= 0) & (born < step))[:, 0]
+                if not len(rows) or p.grad is None:
+                    continue
+                group = next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
+                state = self.optimizer.state.get(p, {})
+                if "exp_avg" not in state or group.get("amsgrad") or "betas" not in group:
+                    self._warn_unsupported()
+                    continue
+                index = rows.to(p.device)
+                take = (lambda t: t[:, index].t().clone()) if key == "lora_B" else (lambda t: t[index].clone())
+                young[name, key] = (index, born[rows], [take(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])])
+        return young
+
+    @torch.no_grad()
+    def _redo_young_rows(self, step: int) -> None:
+        """Redo this step's AdamW update of the young rows with their own step count (bias correction)
+        and learning-rate schedule, as a parameter group created at their birth would apply it:
+        torch's own AdamW on the rows as they were before the step, once per birth step."""
+        for (name, key), (index, born, (weight, grad, exp_avg, exp_avg_sq)) in self.snapshot.items():
+            p = self.layers[name].adapter_parameters()[key]
+            group = next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
+            beta1, beta2 = group["betas"]
+            for birth in born.unique().tolist():
+                same = (born == birth).to(p.device)
+                age = torch.tensor(float(step - birth))                             # 1 on the first step
+                lr = group.get("initial_lr", group["lr"]) * float(self.component_lr_factor(age, torch.tensor(birth)))
+                rows = weight[same]
+                adamw([rows], [grad[same]], [exp_avg[same]], [exp_avg_sq[same]], [], [age - 1], foreach=False,
+                      amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["weight_decay"],
+                      eps=group["eps"], maximize=False)
+                if key == "lora_B":
+                    p[:, index[same]] = rows.t().to(p.dtype)
+                else:
+                    p[index[same]] = rows.to(p.dtype)
 
     _warned = False
 
@@ -317,45 +329,38 @@ class IncreLoRAController(ScheduledController):
 
 @register("increlora", layer=IncreLoRALinear, controller=IncreLoRAController, peft_type="PEFTLAB_INCRELORA")
 @dataclass(frozen=True, kw_only=True)
-class IncreLoRAConfig(AdapterConfig):
+class IncreLoRAConfig(SVDConfig):
     """IncreLoRA, Zhang et al. 2023 (arXiv:2308.12043): importance-driven rank growth."""
 
-    total_step: int | None = opt(None, "optimizer steps of the whole run, over which growth is laid out; "
-                                       "None: the trainer fills in the run's length")
     # the paper's runs start at 1-2; in short runs a rank-2 start stays below LoRA's accuracy at the same budget
-    init_r: int | None = opt(None, "rank every module starts with; None = target_r // 2")
-    target_r: int = opt(8, "average rank the global budget grows to (total = target_r x modules)")
-    rank_step: int | None = opt(None, "components a module gains per growth (incre_rank_num); default target_r // 2")
-    top_h: int | None = opt(None, "modules that grow per round; default a quarter of the modules")
-    init_warmup: int | None = opt(None, "steps before the first growth; default 10% of total_step")
-    incre_interval: int | None = opt(None, "steps between growth rounds; default: growth ends near 60% of training")
+    init_r: int | None = opt(None, "rank every module starts with; None = target_r // 2", check=at_least(1))
+    rank_step: int | None = opt(None, "components a module gains per growth (incre_rank_num); default target_r // 2",
+                                check=at_least(1))
+    top_h: int | None = opt(None, "modules that grow per round; default a quarter of the modules", check=at_least(1))
+    init_warmup: int | None = opt(None, "steps before the first growth; default 10% of total_step", check=at_least(0))
+    incre_interval: int | None = opt(None, "steps between growth rounds; default: growth ends near 60% of training",
+                                     check=at_least(1))
     max_rank: int | None = opt(None, "rank ceiling of a module (pre-allocated); default: the most a module can "
-                                     "reach with a quarter of the modules growing per round, so it never binds")
-    component_warmup: int | None = opt(None, "learning-rate warm-up steps of a new component; default incre_interval")
+                                     "reach with a quarter of the modules growing per round, so it never binds",
+                               check=at_least(1))
+    component_warmup: int | None = opt(None, "learning-rate warm-up steps of a new component; default incre_interval",
+                                       check=at_least(0))
     advance_learn: bool = opt(True, "train reserve components (at E = 1e-5) before they are activated")
     # IncreLoRA scores whole modules and never prunes one component, so nothing needs E to hold singular
     # values; under the LoRA-like start the released code's γ = 0.1 pulls A's rows from LoRA's norm 1/√3 to
     # 1 and so grows ΔW with no task gradient behind it (reviews, lr 3e-3, seed 0: 89.4% against 92.9% without it)
     orth_reg_weight: float | None = opt(None, "γ of the orthogonality regularizer over active and reserve components; "
-                                              "None = 0 with init_like_lora, else the released code's 0.1")
-    beta1: float = opt(0.85, "EMA factor of the module score")
-    beta2: float = opt(0.85, "EMA factor of the score's uncertainty")
-    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / target_r (lora_alpha / live rank with "
-                                  "scale_by_live_rank); it starts training like a LoRA of this alpha and r = target_r")
+                                              "None = 0 with init_like_lora, else the released code's 0.1",
+                                        check=at_least(0))
     # the released code divides by the live rank, so each growth round shrinks the module's trained update
     # by r/(r+m) at once, a jump the paper (arXiv:2308.12043) does not describe; a fixed α/target_r keeps ΔW continuous
-    scale_by_live_rank: bool = opt(False, "scale by lora_alpha / live rank, as the released code does")
-    # as AdaLoRA's: the paper starts at E = 0, whose first steps move E alone and need a larger learning rate
-    init_like_lora: bool = opt(True, "the initial components start as LoRA's (A kaiming, B = 0, E non-zero); "
-                                     "False = the paper's E = 0, A, B ~ N(0, 0.02²)")
-    lora_dropout: float = opt(0.0, "dropout on the adapter branch's input")
+    scale_by_live_rank: bool = opt(False, "scale by lora_alpha / live rank, as the released code does "
+                                          "(default: lora_alpha / target_r)")
     rank_pattern: dict[str, int] = opt({}, "live rank per module (written on save, read on load)")
     reserve_pattern: dict[str, int] = opt({}, "reserve components per module (written on save, read on load)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.total_step is not None and self.total_step < 1:
-            raise ValueError(f"increlora total_step must be >= 1, got {self.total_step!r}")
         if self.init_r is None:
             object.__setattr__(self, "init_r", max(1, self.target_r // 2))
         if self.orth_reg_weight is None:
@@ -365,23 +370,13 @@ class IncreLoRAConfig(AdapterConfig):
         # top_h >= n/4 means at most ceil(4(target - init) / rank_step) rounds per module
         never_binds = self.init_r + rank_step * math.ceil(4 * (self.target_r - self.init_r) / rank_step)
         object.__setattr__(self, "max_rank", self.max_rank or never_binds)
-        if not 1 <= self.init_r <= self.target_r <= self.max_rank:
+        if not self.init_r <= self.target_r <= self.max_rank:
             raise ValueError(f"increlora needs 1 <= init_r={self.init_r} <= target_r={self.target_r} "
                              f"<= max_rank={self.max_rank}")
-        for name in ("top_h", "incre_interval"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"increlora {name} must be >= 1, got {getattr(self, name)}")
-        if rank_step < 1 or not (0 < self.beta1 < 1 and 0 < self.beta2 < 1) or self.orth_reg_weight < 0:
-            raise ValueError("increlora needs rank_step >= 1, beta1 and beta2 in (0, 1), orth_reg_weight >= 0")
-        if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-            raise ValueError("increlora needs lora_alpha > 0 and lora_dropout in [0, 1)")
 
     @classmethod
     def sized(cls, size: int) -> dict[str, Any]:
         return {"target_r": size, "init_r": max(1, size // 2)}
-
-    def final_parameter_count(self, shapes: list[tuple[int, int]]) -> int:
-        return sum(self.target_r * (d_out + d_in + 1) for d_out, d_in in shapes)
 
     def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
         fields = super().peft_fields(layers)

@@ -15,7 +15,9 @@ from typing import Any
 from torch import nn
 
 from .. import kernels, quant
-from .base import AdapterConfig, AdapterLayer, Controller
+from .config import AdapterConfig
+from .controller import Controller
+from .layer import AdapterLayer, set_module
 from .registry import Method, get_config, method_of
 
 ALL_LINEAR = "all-linear"
@@ -32,6 +34,7 @@ class AdapterState:
     layers: dict[str, AdapterLayer]
     modules_to_save: list[str]
     originals: dict[str, nn.Module] = field(repr=False)  # modules_to_save as they were before wrap
+    sharded: bool = False  # set by peftlab.shard: each process holds a slice of the base
 
     @property
     def config(self) -> AdapterConfig:
@@ -105,11 +108,6 @@ def target_shapes(model: nn.Module, method: str) -> list[tuple[int, int]]:
     return [quant.base_shape(modules[name])[::-1] for name in find_targets(model, config, method_of(config).layer)]
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def is_wrapped(model: nn.Module) -> bool:
     return hasattr(model, "peftlab") or any(isinstance(m, AdapterLayer) for m in model.modules())
 
@@ -144,19 +142,18 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
     layers = {}
     for name in targets:
         layer = method.layer(modules[name], config, name)
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
         layers[name] = layer
     for layer in layers.values():
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     if config.fused:
         kernels.attach(layers)
-        kernels.swap_dropout(model, fast=True)
     # modules_to_save train a copy (as PEFT does): a head tied to the input embeddings stays
     # untouched, and unwrap() puts the original back
     originals = {name: modules[name] for name in saved}
     for name in saved:
-        _set_module(model, name, copy.deepcopy(modules[name]).requires_grad_(True))
+        set_module(model, name, copy.deepcopy(modules[name]).requires_grad_(True))
     model.peftlab = AdapterState(method, method.controller(model, config, layers), layers, saved, originals)
     return model
 
@@ -183,22 +180,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     for name, layer in state.layers.items():
         if layer.merged:
             layer.unmerge()
-        _set_module(model, name, layer.base_layer)
+        set_module(model, name, layer.base_layer)
     for name, original in state.originals.items():
-        _set_module(model, name, original)
-    kernels.swap_dropout(model, fast=False)
+        set_module(model, name, original)
     del model.peftlab
     return model
-
-
-def remove_layers(model: nn.Module, names: list[str]) -> None:
-    """Put the base modules of `names` back (e.g. layers a method assigned no rank)."""
-    state = state_of(model)
-    for name in names:
-        layer = state.layers.pop(name)
-        if layer.fusion is not None:
-            layer.fusion.drop(layer)
-        _set_module(model, name, layer.base_layer)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -208,17 +194,15 @@ def merge(model: nn.Module) -> nn.Module:
     holding dequantize(W) + ΔW: re-quantizing would throw most of the update away, so peftlab
     never does it silently.
     """
-    from ..sharding import is_sharded  # sharding builds on this module
-
     state = state_of(model)
-    if is_sharded(model):
+    if state.sharded:
         raise ValueError("cannot merge a sharded model (each process holds a slice of the base); save its adapter "
                          "and merge it into the unsharded base: peftlab merge RUN_DIR, or load_adapter + merge")
     dequantized = []
     for name, layer in state.layers.items():
         if quant.is_4bit(layer.base_layer):
             dequantized.append(name)
-        _set_module(model, name, layer.merged_module())
+        set_module(model, name, layer.merged_module())
     if dequantized:  # a plain model now: no quantization config or quantizer, it saves and loads like any other
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "quantization_config"):
@@ -228,7 +212,6 @@ def merge(model: nn.Module) -> nn.Module:
             f"merged {len(dequantized)} 4-bit layers onto their dequantized float32 weights "
             "(not re-quantized, so the update is kept exactly)", stacklevel=2,
         )
-    kernels.swap_dropout(model, fast=False)
     del model.peftlab
     return model
 

@@ -14,32 +14,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterConfig, AdapterLayer, LowRankLayer, opt, pattern_value
+from ..settings import Check, above, one_of, opt, within
+from .config import LowRankConfig
+from .layer import AdapterLayer, LowRankLayer, pattern_value
 from .registry import register
 
 
 class LoRALinear(LowRankLayer):
     def __init__(self, base_layer: nn.Module, config: "LoRAConfig", name: str):
-        super().__init__(base_layer)
-        self.r = config.rank_for(name)
-        self.alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        self.scale = config.scale(self.r, self.alpha)
-        device = next(base_layer.parameters()).device
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))   # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))  # (d_out, r)
-        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-        self.reset_parameters(config.init_lora_weights)
-
-    @torch.no_grad()
-    def reset_parameters(self, init: bool | str) -> None:
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init is False:  # both non-zero: tests only (PEFT's init_lora_weights=False)
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            self.lora_B.zero_()
+        r, alpha = config.rank_for(name), pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        super().__init__(base_layer, r, config.scale(r, alpha), config.lora_dropout)
+        self.alpha = alpha
+        if config.init_lora_weights == "gaussian":
+            with torch.no_grad():
+                nn.init.normal_(self.lora_A, std=1 / self.r)
+        elif config.init_lora_weights is False:  # both non-zero: tests only (PEFT's init_lora_weights=False)
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
 
     def branch(self, x: Tensor) -> Tensor:
         h = self.dropout(x.to(self.lora_A.dtype))             # (..., d_in)
@@ -49,34 +40,26 @@ class LoRALinear(LowRankLayer):
         return f"{super().extra_repr()}, r={self.r}, scale={self.scale:g}"
 
 
+_NON_NEGATIVE_INTS = Check(lambda d: all(v >= 0 for v in d.values()), "a mapping of integers >= 0")
+
+
 @register("lora", layer=LoRALinear, peft_type="LORA")
 @dataclass(frozen=True, kw_only=True)
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(LowRankConfig):
     """LoRA, Hu et al. 2021 (arXiv:2106.09685), §4.1; defaults follow common practice (r=8, α=16)."""
 
-    r: int = opt(8, "rank of the update")
-    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)")
-    lora_dropout: float = opt(0.0, "dropout on the adapter branch's input only; the base path never sees it")
+    lora_alpha: float = opt(16.0, "the update is scaled by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)",
+                            check=above(0))
+    lora_dropout: float = opt(0.0, "dropout on the adapter branch's input only; the base path never sees it",
+                              check=within(0, 1))
     use_rslora: bool = opt(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
     init_lora_weights: bool | str = opt(
-        True, "True: A kaiming-uniform, B zero (identity at init); 'gaussian': A ~ N(0, 1/r²); False: tests only"
+        True, "True: A kaiming-uniform, B zero (identity at init); 'gaussian': A ~ N(0, 1/r²); False: tests only",
+        check=one_of(True, False, "gaussian"),
     )
-    rank_pattern: dict[str, int] = opt({}, "per-module rank overrides: {name or suffix regex: r}")
+    rank_pattern: dict[str, int] = opt({}, "per-module rank overrides: {name or suffix regex: r}",
+                                       check=_NON_NEGATIVE_INTS)
     alpha_pattern: dict[str, float] = opt({}, "per-module alpha overrides: {name or suffix regex: alpha}")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
-        bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v < 0}
-        if bad:
-            raise ValueError(f"rank_pattern values must be integers >= 0, got {bad}")
 
     def rank_for(self, name: str) -> int:
         return pattern_value(self.rank_pattern, name, self.r)

@@ -22,7 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import PEFT_PREFIX, AdapterConfig, AdapterLayer, Controller, FoldedLayer, opt
+from ..settings import above, opt, within
+from .config import LowRankConfig
+from .controller import Controller
+from .folded import FoldedLayer
+from .layer import PEFT_PREFIX, AdapterLayer
 from .registry import register
 
 
@@ -171,10 +175,10 @@ class RandLoRAController(Controller):
 
 @register("randlora", layer=RandLoRALinear, controller=RandLoRAController, peft_type="PEFTLAB_RANDLORA")
 @dataclass(frozen=True, kw_only=True)
-class RandLoRAConfig(AdapterConfig):
+class RandLoRAConfig(LowRankConfig):
     """RandLoRA, Albert et al. 2025 (arXiv:2502.00987): full-rank update from shared random bases."""
 
-    r: int = opt(32, "rank of each random basis; smaller r means more bases and more parameters")
+    r: int = opt(32, "rank of each random basis; smaller r means more bases and more parameters", check=above(0))
     # PEFT's default 640 (scale 20 at r = 32) moves ΔW ~6x faster per AdamW step than LoRA and diverges
     # at LoRA's learning rates. α = 3.27·r matches LoRA's first steps: γ's n·d entries each move a column
     # of B_b·A (entries of variance r) times λ = 1/d, ‖ΔW step‖ ≈ s·lr·√D (n·r ≈ d); LoRA's d_out·r entries
@@ -182,19 +186,17 @@ class RandLoRAConfig(AdapterConfig):
     # steps then grow as A's rows turn toward the inputs, while RandLoRA's bases stay fixed: at 3.27·r it
     # learned ~3x slower (96% on the generated task, LoRA 99.6%); the default is 3x that, 9.8·r (314 at r = 32)
     randlora_alpha: float | None = opt(None, "the update is scaled by randlora_alpha / r (PEFT's convention); "
-                                             "None = 9.8 x r, which trains like LoRA (alpha 16, r 8) at its learning rates")
-    randlora_dropout: float = opt(0.0, "dropout on the branch input (0 keeps the fused single-product path)")
+                                             "None = 9.8 x r, which trains like LoRA (alpha 16, r 8) at its learning rates",
+                                        check=above(0))
+    randlora_dropout: float = opt(0.0, "dropout on the branch input (0 keeps the fused single-product path)",
+                                  check=within(0, 1))
     projection_prng_key: int = opt(0, "seed of the random bases")
     bases_checksum: str = opt("", "checksum of the bases (written on save, checked on load)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"randlora r must be an integer >= 1, got {self.r!r}")
         if self.randlora_alpha is None:
             object.__setattr__(self, "randlora_alpha", round(6 * math.sqrt(8 / 3) * self.r, 3))
-        if self.randlora_alpha <= 0 or not 0 <= self.randlora_dropout < 1:
-            raise ValueError("randlora needs randlora_alpha > 0 and randlora_dropout in [0, 1)")
 
     def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
         fields = super().peft_fields(layers)

@@ -2,11 +2,13 @@
 framework needs (config, layer, controller, PEFT file type), so adding a method edits one file."""
 from __future__ import annotations
 
-import difflib
-from dataclasses import MISSING, dataclass, fields, is_dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any
 
-from .base import AdapterConfig, AdapterLayer, Controller
+from ..settings import closest, field_names
+from .config import AdapterConfig
+from .controller import Controller
+from .layer import AdapterLayer
 
 
 @dataclass(frozen=True)
@@ -35,17 +37,12 @@ def register(name: str, *, layer: type[AdapterLayer], peft_type: str,
         for key in (name, *aliases):
             if key in _METHODS or key in _ALIASES:
                 raise ValueError(f"adapter name {key!r} is already registered")
+        config_cls.method = name
         _METHODS[name] = Method(name, config_cls, layer, controller, peft_type, tuple(aliases))
         _ALIASES.update({alias: name for alias in aliases})
         return config_cls
 
     return decorate
-
-
-def closest(word: str, options: list[str]) -> str:
-    """'; did you mean X?' for the option closest to a mistyped `word`, or ''."""
-    match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def get_method(name: str) -> Method:
@@ -62,14 +59,10 @@ def list_adapters() -> list[str]:
     return sorted(_METHODS)
 
 
-def config_fields(config_cls: type[AdapterConfig]) -> list[str]:
-    return [f.name for f in fields(config_cls) if f.init]
-
-
 def get_config(name: str, **overrides: Any) -> AdapterConfig:
     """The config of method `name` with defaults, updated by `overrides`; unknown fields are errors."""
     method = get_method(name)
-    valid = config_fields(method.config)
+    valid = field_names(method.config)
     for key in overrides:
         if key not in valid:
             raise TypeError(
@@ -87,9 +80,9 @@ def method_of(config: AdapterConfig) -> Method:
     raise TypeError(f"{type(config).__name__} is not the config of a registered adapter method")
 
 
-def describe(fields_of: str | None = None) -> str:
-    """The registry as a table (name, aliases, file type, recipe, description); with `fields_of`, that
-    method's config fields with their defaults and help."""
+def describe() -> str:
+    """The registry as a table (name, aliases, file type, recipe, description); `peftlab keys
+    --adapter NAME` lists a method's config fields."""
     from importlib import resources
 
     shipped = resources.files("peftlab").joinpath("configs")
@@ -100,11 +93,4 @@ def describe(fields_of: str | None = None) -> str:
         rows.append((name, ",".join(method.aliases) or "-", method.peft_type, recipe,
                      (method.config.__doc__ or "").strip().splitlines()[0]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[4] for row in rows]
-    if fields_of:
-        method = get_method(fields_of)
-        lines.append(f"\n{method.name} config fields:")
-        for f in fields(method.config):
-            default = f.default_factory() if f.default is MISSING else f.default
-            lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+    return "\n".join("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[4] for row in rows)

@@ -21,7 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import quant
-from .base import AdapterConfig, AdapterLayer, FoldedLayer, ScheduledController, opt
+from ..settings import Check, above, at_least, opt
+from .config import ScheduledConfig
+from .controller import ScheduledController
+from .folded import FoldedLayer
+from .layer import AdapterLayer
 from .registry import register
 
 RANK_MIN_DIM, RANK_MIN_NNZ = 64, 100  # the official eligibility for the nuclear-norm loss
@@ -211,19 +215,22 @@ class SaRAController(ScheduledController):
 
 @register("sara", layer=SaRALayer, controller=SaRAController, peft_type="PEFTLAB_SARA")
 @dataclass(frozen=True, kw_only=True)
-class SaRAConfig(AdapterConfig):
+class SaRAConfig(ScheduledConfig):
     """SaRA, Hu et al. 2025 (arXiv:2409.06633): sparse fine-tuning of the smallest base weights."""
 
-    total_step: int | None = opt(None, "optimizer steps of the whole run (re-selection is at half of it); "
-                                       "None: the trainer fills in the run's length")
-    target_fraction: float | None = opt(0.05, "fraction of the targeted weights to train (global over layers)")
-    threshold: float | None = opt(None, "train every weight with |w| < threshold instead (the paper's rule)")
-    progressive_step: int | None = opt(None, "optimizer steps before the progressive re-selection; default half")
-    lambda_rank: float = opt(5e-4, "weight of the nuclear-norm low-rank loss (README 5e-4; paper 5e-3)")
+    target_fraction: float | None = opt(0.05, "fraction of the targeted weights to train (global over layers)",
+                                        check=Check(lambda v: 0 < v < 1, "in (0, 1)"))
+    threshold: float | None = opt(None, "train every weight with |w| < threshold instead (the paper's rule)",
+                                  check=above(0))
+    progressive_step: int | None = opt(None, "optimizer steps before the progressive re-selection; default half "
+                                             "of total_step", check=at_least(1))
+    lambda_rank: float = opt(5e-4, "weight of the nuclear-norm low-rank loss (README 5e-4; paper 5e-3)",
+                             check=at_least(0))
     # The paper trains the weights directly (k = 1). Their steps then stay the size of LoRA's first ones
     # while LoRA's grow as both its factors turn toward the gradient; k = 2 brings SaRA to LoRA's accuracy
     # at LoRA's learning rate on the generated task (93% -> 99.8% at 1e-3), checked on the reviews benchmark
-    step_scale: float = opt(2.0, "AdamW moves each selected weight by step_scale x lr per step (1 = the paper)")
+    step_scale: float = opt(2.0, "AdamW moves each selected weight by step_scale x lr per step (1 = the paper)",
+                            check=above(0))
     selected_counts: dict[str, int] = opt({}, "selected entries per module (written on save, read on load)")
 
     def __post_init__(self) -> None:
@@ -232,16 +239,10 @@ class SaRAConfig(AdapterConfig):
             raise ValueError(f"sara needs total_step >= 2, the optimizer steps of the run (got {self.total_step!r})")
         if self.threshold is not None:
             object.__setattr__(self, "target_fraction", None)  # an explicit threshold is the rule
-            if not self.threshold > 0:
-                raise ValueError(f"sara threshold must be > 0, got {self.threshold!r}")
-        elif self.target_fraction is None or not 0 < self.target_fraction < 1:
-            raise ValueError(f"sara target_fraction must be in (0, 1), got {self.target_fraction!r}")
-        if self.progressive_step is not None and not 1 <= self.progressive_step < (self.total_step or math.inf):
+        elif self.target_fraction is None:
+            raise ValueError("sara needs target_fraction (in (0, 1)) or a threshold")
+        if self.progressive_step is not None and self.progressive_step >= (self.total_step or math.inf):
             raise ValueError(f"sara progressive_step={self.progressive_step} must be in [1, total_step={self.total_step})")
-        if not self.step_scale > 0:
-            raise ValueError(f"sara step_scale must be > 0, got {self.step_scale!r}")
-        if self.lambda_rank < 0:
-            raise ValueError(f"sara lambda_rank must be >= 0, got {self.lambda_rank!r}")
 
     @classmethod
     def for_budget(cls, shapes: list[tuple[int, int]], budget: int) -> dict[str, Any]:

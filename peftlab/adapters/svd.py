@@ -2,18 +2,49 @@
 
     ΔW = c · P Λ Q = c · B (A ⊙ E),   A: (rows, d_in), E: (rows, 1), B: (d_out, rows)
 
-plus the two pieces of their controllers that are the same math: the orthogonality regularizer
-on P and Q, and the sensitivity moving averages that score a parameter's importance.
+plus what else the two methods share: the settings of their triplets and importance averages,
+the orthogonality regularizer on P and Q, and the sensitivity moving averages that score a
+parameter's importance.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from .base import AdapterLayer
+from ..settings import Check, above, at_least, opt, within
+from .config import ScheduledConfig
+from .layer import AdapterLayer
+
+_OPEN_UNIT = Check(lambda v: 0 < v < 1, "in (0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SVDConfig(ScheduledConfig):
+    """The settings AdaLoRA and IncreLoRA share."""
+
+    target_r: int = opt(8, "average rank of the final global budget (total = target_r x modules)", check=at_least(1))
+    lora_alpha: float = opt(16.0, "numerator of the update's scale; the update starts training like a LoRA of this "
+                                  "alpha and r = target_r", check=above(0))
+    lora_dropout: float = opt(0.0, "dropout on the adapter branch's input", check=within(0, 1))
+    beta1: float = opt(0.85, "EMA factor of the importance (Ī)", check=_OPEN_UNIT)
+    beta2: float = opt(0.85, "EMA factor of the importance's uncertainty (Ū)", check=_OPEN_UNIT)
+    # the paper (§3.1) starts at E = 0 with random A, B: the first steps then move E alone, along random
+    # rank-one directions, and need ~10x LoRA's learning rate. Zeroing B instead keeps ΔW = 0 at init and
+    # makes the first phase LoRA's, so LoRA's learning rates carry over (benchmarks/README.md)
+    init_like_lora: bool = opt(True, "start as LoRA does (A kaiming, B = 0, E equal and non-zero); "
+                                     "False = the paper's start (E = 0, A, B ~ N(0, 0.02²))")
+
+    @classmethod
+    def sized(cls, size: int) -> dict[str, Any]:
+        return {"target_r": size}
+
+    def final_parameter_count(self, shapes: list[tuple[int, int]]) -> int:
+        return sum(self.target_r * (d_out + d_in + 1) for d_out, d_in in shapes)  # A row, B column, E
 
 
 class SVDLinear(AdapterLayer):

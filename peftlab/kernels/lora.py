@@ -15,9 +15,10 @@ to the backward that follows it: one dequantization per forward pass either way.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -261,9 +262,9 @@ def _dense(weight: Tensor, conv1d: bool) -> Matrix:
 class FastDropout(nn.Dropout):
     """nn.Dropout drawing its CPU mask as the fused kernel does (4x cheaper; p rounded to 16 bits).
 
-    On a 2-core CPU the base model's own dropout was 19% of a MiniLM training step; wrapping with
-    `fused` swaps every plain nn.Dropout of the model for this class, and unwrap/merge swap back.
-    Other devices keep torch's own (already fused) dropout.
+    On a 2-core CPU the base model's own dropout was 19% of a MiniLM training step; peftlab.Trainer
+    (fast_dropout=True) swaps every plain nn.Dropout of the model for this class while it trains and
+    swaps them back when it ends. Other devices keep torch's own (already fused) dropout.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -292,10 +293,15 @@ def _scaled_mask(keep: Tensor, keep_scale: float, dtype: torch.dtype) -> Tensor:
     return torch.mul(keep, keep_scale, out=out)
 
 
-def swap_dropout(model: nn.Module, fast: bool) -> None:
-    """Turn the model's plain nn.Dropout modules into FastDropout (fast=True), or back."""
-    for module in model.modules():
-        if fast and type(module) is nn.Dropout:
-            module.__class__ = FastDropout
-        elif not fast and type(module) is FastDropout:
+@contextmanager
+def fast_dropout(model: nn.Module) -> Iterator[None]:
+    """While inside, the model's plain nn.Dropout modules are FastDropout; afterwards, exactly the
+    modules that were swapped are nn.Dropout again (also after an exception)."""
+    swapped = [m for m in model.modules() if type(m) is nn.Dropout]
+    for module in swapped:
+        module.__class__ = FastDropout
+    try:
+        yield
+    finally:
+        for module in swapped:
             module.__class__ = nn.Dropout
