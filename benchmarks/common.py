@@ -35,13 +35,13 @@ def llama_dir() -> str:
 
 
 def base_model(name: str, load_in_4bit: bool = False) -> torch.nn.Module:
-    from peftlab import quant
+    import peftlab
 
     if name == "minilm":
         if load_in_4bit:
             raise ValueError("the 4-bit runs use the Llama (--model llama)")
         return minilm()
-    return quant.load_model(llama_dir(), "causal-lm", load_in_4bit=load_in_4bit)
+    return peftlab.load_model(llama_dir(), "causal-lm", load_in_4bit=load_in_4bit)
 
 
 def batches(name: str, count: int = 4) -> list[dict[str, torch.Tensor]]:

@@ -61,7 +61,7 @@ def status(field: str) -> float:
 def measure(lib: str, size: str, seq: int, batch: int, precision: str, checkpointing: bool) -> dict:
     import peftlab
 
-    model = peftlab.quant.load_model(str(base_dir(size)), "causal-lm", load_in_4bit=precision == "nf4")
+    model = peftlab.load_model(str(base_dir(size)), "causal-lm", load_in_4bit=precision == "nf4")
     params = sum(p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
     estimate = None
     if lib == "peftlab":
@@ -181,11 +181,11 @@ def cli_check() -> None:
                     "--output-dir", str(work / "run")], check=True)
     print(f"peftlab train, 1.1B NF4, 4 steps: {time.perf_counter() - start:.0f} s wall")
     ids = torch.randint(3, 32000, (1, 32), generator=torch.Generator().manual_seed(1))
-    ours = peftlab.load_adapter(peftlab.quant.load_model(str(base), "causal-lm", load_in_4bit=True), work / "run")
+    ours = peftlab.load_adapter(peftlab.load_model(str(base), "causal-lm", load_in_4bit=True), work / "run")
     with torch.no_grad():
         expected = ours.eval()(input_ids=ids).logits
     del ours
-    theirs = peft.PeftModel.from_pretrained(peftlab.quant.load_model(str(base), "causal-lm", load_in_4bit=True), work / "run")
+    theirs = peft.PeftModel.from_pretrained(peftlab.load_model(str(base), "causal-lm", load_in_4bit=True), work / "run")
     for module in theirs.modules():  # bitsandbytes' CPU bf16 eval kernel would change the base, not the adapter
         peftlab.quant.keep_exact_cpu_path(module)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftlab
-from peftlab.quant import load_model
+from peftlab import load_model
 
 torch.manual_seed(0)
 with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ from .adapters import (  # noqa: E402
 )
 from .io import load_adapter, save_adapter
 from .memory import estimate_memory
+from .models import load_model
 from .sharding import shard
 from .trainers import TrainConfig, Trainer
 
@@ -34,5 +35,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterLayer", "Controller", "controller", "estimate_memory", "get_config", "list_adapters",
-    "load_adapter", "merge", "save_adapter", "shard", "TrainConfig", "Trainer", "trainable_summary", "unwrap", "wrap",
+    "load_adapter", "load_model", "merge", "save_adapter", "shard", "TrainConfig", "Trainer", "trainable_summary", "unwrap", "wrap",
 ]

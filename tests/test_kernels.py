@@ -248,6 +248,7 @@ def test_fused_is_not_written_to_the_adapter_config(tmp_path):
     assert "fused" not in json.loads((tmp_path / "adapter_config.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_no_graph_breaks_from_our_layers(method):
     """torch.compile sees one graph for every method's layers in training mode (IncreLoRA scoring too)."""
@@ -259,6 +260,7 @@ def test_no_graph_breaks_from_our_layers(method):
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
 
 
+@pytest.mark.slow
 def test_compiled_op_equals_the_eager_kernel():
     """The opaque op torch.compile runs gives the eager kernel's outputs and gradients."""
     fused, eager = fused_and_eager(wrapped("allora", tiny_gpt2))  # Conv1D base and ALLoRA's row scale

@@ -226,7 +226,7 @@ def test_merged_model_saves_and_loads_in_its_own_architecture(arch, four_bit, tm
     from transformers import AutoModelForCausalLM
 
     (tiny_llama if arch == "llama" else tiny_gpt2)().save_pretrained(tmp_path / "base")
-    model = peftlab.quant.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=four_bit)
+    model = peftlab.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=four_bit)
     peftlab.wrap(model, "lora", r=4)
     randomize_adapters(model)
     x = tokens()

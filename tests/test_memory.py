@@ -59,7 +59,7 @@ def test_estimate_follows_batch_checkpointing_4bit_and_fsdp(tmp_path):
     assert sharded.activations == one.activations and sharded.adapter == one.adapter  # the adapter stays whole
 
     tiny_llama().save_pretrained(tmp_path / "base")
-    four_bit = peftlab.wrap(peftlab.quant.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=True), "lora", r=4)
+    four_bit = peftlab.wrap(peftlab.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=True), "lora", r=4)
     packed = sum(p.numel() * p.element_size() + (p.quant_state.absmax.numel() * 4 if hasattr(p, "quant_state") else 0)
                  for p in four_bit.parameters() if not p.requires_grad)
     assert estimate_memory(four_bit, batch_size=2, seq_len=32).base_weights == packed < one.base_weights

@@ -182,7 +182,7 @@ QLORA = {"lora": {"r": 8}, "adalora": {"init_r": 8, "target_r": 4},
 @pytest.mark.parametrize("method", QLORA)
 def test_qlora_4bit_base_trains(method, tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
-    model = peftlab.quant.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=True)
+    model = peftlab.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=True)
     assert any(peftlab.quant.is_4bit(m) for m in model.modules())
     peftlab.wrap(model, method, **QLORA[method])
     assert all(peftlab.quant.is_4bit(l.base_layer) for l in model.peftlab.layers.values())
@@ -244,7 +244,7 @@ def test_gradient_checkpointing_on_a_4bit_base_trains_identically_with_one_dequa
     monkeypatch.setattr(peftlab.quant, "dequantize", lambda module: calls.append(1) or dequantize(module))
     results = []
     for checkpointing in (False, True):
-        model = peftlab.quant.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=True)
+        model = peftlab.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=True)
         torch.manual_seed(0)
         peftlab.wrap(model, method, **{"lora": {"r": 4}, "adalora": {"init_r": 4, "target_r": 2}}[method],
                      lora_dropout=0.1)
@@ -273,6 +273,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_like_eager_with_the_lifecycle_intact(tmp_path):
     """AdaLoRA under torch.compile (inductor, CPU): same weights and the same pruned ranks as eager."""
     from torch._dynamo.utils import counters
@@ -383,6 +384,7 @@ def test_a_launch_that_asked_for_two_processes_but_started_one_stops(tmp_path):
     assert not (tmp_path / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_progress_bars_follow_tqdm_environment_variables():
     """TQDM_DISABLE=1 silences every bar (an explicit disable=False would override it); quiet=True
     silences a bar whatever the environment says (the non-main processes)."""

@@ -31,6 +31,19 @@ def lm_dataset(n: int = 32, length: int = 12, seed: int = 0, num_starts: int = 8
     return rows
 
 
+def ragged_dataset(n: int = 32, seed: int = 0) -> list[dict]:
+    """Counting sequences whose last 1 to 12 tokens are the targets (the rest masked): examples that
+    weigh very differently in a token mean."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for start, answer in zip(torch.randint(0, 80, (n,), generator=gen).tolist(),
+                             torch.randint(1, 13, (n,), generator=gen).tolist()):
+        ids = torch.arange(start, start + 14) % 96
+        labels = torch.cat([torch.full((14 - answer,), -100), ids[14 - answer:]])
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(14, dtype=torch.long), "labels": labels})
+    return rows
+
+
 JOB_CONFIGS = {
     "lora": {"r": 4, "lora_dropout": 0.1},
     "adalora": {"init_r": 6, "target_r": 2, "lora_dropout": 0.1},
@@ -56,6 +69,7 @@ def main() -> None:
     parser.add_argument("--four-bit", action="store_true", help="the base in NF4, loaded from OUT/../base")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--ragged", action="store_true", help="targets of 1 to 12 tokens per example")
     args = parser.parse_args()
 
     config = dict(JOB_CONFIGS[args.method])  # scheduled methods take the run length from the Trainer
@@ -63,7 +77,7 @@ def main() -> None:
         config["lora_dropout"] = args.dropout
     if args.four_bit:
         base = os.path.join(os.path.dirname(os.path.abspath(args.out)), "base")
-        model = peftlab.quant.load_model(base, "causal-lm", load_in_4bit=True)
+        model = peftlab.load_model(base, "causal-lm", load_in_4bit=True)
     else:
         model = tiny_llama()
     torch.manual_seed(0)
@@ -72,7 +86,8 @@ def main() -> None:
                                  gradient_accumulation_steps=args.ga, learning_rate=5e-3, save_steps=2,
                                  save_total_limit=0, logging_steps=1, warmup_steps=2, disable_tqdm=True, seed=7,
                                  fsdp=args.fsdp, torch_compile=args.compile, bf16=args.bf16)
-    trainer = peftlab.Trainer(model, config, lm_dataset(), eval_dataset=lm_dataset(8, seed=1))
+    data = ragged_dataset() if args.ragged else lm_dataset()
+    trainer = peftlab.Trainer(model, config, data, eval_dataset=lm_dataset(8, seed=1))
     if args.kill_at:
         hook = trainer.controller.after_optimizer_step
 
