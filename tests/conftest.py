@@ -70,6 +70,22 @@ def _seed():
     torch.manual_seed(1234)
 
 
+def first_step_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The gradients the controller sees at step 0's before_optimizer_step (filled in when it runs)."""
+    import peftlab
+
+    grads: dict[str, torch.Tensor] = {}
+    ctl = peftlab.controller(model)
+    before = ctl.before_optimizer_step
+
+    def record(step):
+        if step == 0:
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        before(step)
+    ctl.before_optimizer_step = record
+    return grads
+
+
 def adapter_optimizer(model: nn.Module, lr: float = 1e-2, **kwargs) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, handed to the model's controller."""
     import peftlab

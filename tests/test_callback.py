@@ -5,7 +5,7 @@ from transformers import Trainer, TrainingArguments
 import peftlab
 from peftlab.integrations import PeftlabCallback
 
-from conftest import adapter_optimizer, tiny_llama
+from conftest import adapter_optimizer, first_step_gradients, tiny_llama
 from test_trainer import spied
 from train_job import lm_dataset
 
@@ -66,16 +66,7 @@ def test_penalty_joins_the_loss_once_per_step_in_every_front_end(tmp_path):
     def model_and_recorder():
         torch.manual_seed(0)
         model = peftlab.wrap(tiny_llama(), "adalora", **settings).train()
-        ctl, grads = peftlab.controller(model), {}
-        original = ctl.before_optimizer_step
-
-        def record(step):
-            if step == 0:
-                grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-            original(step)
-
-        ctl.before_optimizer_step = record
-        return model, ctl, grads
+        return model, peftlab.controller(model), first_step_gradients(model)
 
     model, ctl, by_hand = model_and_recorder()
     ctl.expect_total_steps(2)

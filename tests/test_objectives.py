@@ -10,7 +10,7 @@ from peftlab.integrations import PeftlabCallback
 from peftlab.trainers.objectives import CausalLM
 
 from cases import CASES
-from conftest import tiny_llama
+from conftest import first_step_gradients, tiny_llama
 
 
 def ragged_chat(lengths=(1, 12, 2, 9), prompt=6, seed=0) -> list[dict]:
@@ -35,19 +35,6 @@ def reference_gradients(data: list[dict]) -> dict[str, torch.Tensor]:
 def wrapped():
     torch.manual_seed(0)
     return peftlab.wrap(tiny_llama(), "lora", r=4, init_lora_weights=False).train()
-
-
-def first_step_gradients(model) -> dict[str, torch.Tensor]:
-    grads = {}
-    ctl = peftlab.controller(model)
-    before = ctl.before_optimizer_step
-
-    def record(step):
-        if step == 0:
-            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-        before(step)
-    ctl.before_optimizer_step = record
-    return grads
 
 
 @pytest.mark.parametrize("batch, accumulation", [(4, 1), (1, 4), (2, 2)])
