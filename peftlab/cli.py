@@ -25,10 +25,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune a model with an adapter; with no --model/--dataset, the embedded sentiment demo.
     Settings are key=value (`peftlab keys` lists them, by section, with their defaults)."""
     from . import Trainer, trainable_summary
+    from .io import refuse_overlap
     from .recipes import resolve
     from .run import build_run, describe_run, record_run
 
     config = resolve(args.adapter, args.config, args.overrides, _options(args))
+    refuse_overlap(config.train.output_dir, {"model": config.model.path, "dataset": config.data.dataset,
+                                             "recipe": args.config})
     run = build_run(config)
     if args.dry_run:
         print(describe_run(run))
@@ -78,9 +81,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export any adapter as a plain PEFT LoRA (exact for low-rank methods, else truncated SVD)."""
     from .io import export_lora
-    from .run import load_trained, refuse_overwriting
+    from .run import load_trained, refuse_writing_over_inputs
 
-    refuse_overwriting(args.output_dir, args.adapter_dir)
+    refuse_writing_over_inputs(args.output_dir, args.adapter_dir, args.model)
     errors = export_lora(load_trained(args.adapter_dir, args.model)[1], args.output_dir, rank=args.rank)
     print(f"exported {len(errors)} modules as LoRA to {args.output_dir}; relative error ||BA - dW|| / ||dW||: "
           f"max {max(errors.values()):.2e}, mean {sum(errors.values()) / len(errors):.2e}")
@@ -112,10 +115,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Train several methods on the same data at a matched parameter budget; table + plot."""
     from .compare import compare, text_table
 
-    methods = [m.strip() for m in args.adapters.split(",") if m.strip()]
     passed = [*(["--model", args.model] if args.model else []), *(["--dataset", args.dataset] if args.dataset else [])]
     options = {k: v for k, v in _options(args).items() if k != "train.output_dir"}
-    print(text_table(compare(methods, Path(args.output_dir), args.budget, args.overrides, options, passed)))
+    print(text_table(compare(args.adapters, Path(args.output_dir), args.budget, args.overrides, options, passed)))
     print(f"written to {args.output_dir}: compare.json, compare.png, one run directory per adapter")
     return 0
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from .adapters.inject import target_shapes
 from .adapters.registry import get_method
+from .io import refuse_overlap
 from .recipes import resolve
 from .run import RECORD_NAME, load_base
 
@@ -26,12 +27,15 @@ def budget_settings(methods: list[str], budget: int, overrides: list[str], optio
     return {m: get_method(m).config.for_budget(target_shapes(model, m), budget) for m in methods}
 
 
-def compare(methods: list[str], output_dir: Path, budget: int | None, overrides: list[str],
+def compare(methods: str, output_dir: Path, budget: int | None, overrides: list[str],
             options: dict[str, Any], cli_args: list[str]) -> dict[str, Any]:
-    """Train every method (a subprocess each), then write compare.json and compare.png."""
+    """Train every method of a comma-separated list (a subprocess each), then write compare.json and
+    compare.png."""
     if any(o.partition("=")[0] == "output_dir" for o in overrides):
         raise ValueError("compare writes each method's run to OUTPUT_DIR/<method>: pass --output-dir, not output_dir=")
-    methods = [get_method(m).name for m in methods]
+    methods = [get_method(m.strip()).name for m in methods.split(",") if m.strip()]
+    refuse_overlap(output_dir, {"model": options.get("model.path", (None,))[0],
+                                "dataset": options.get("data.dataset", (None,))[0]})
     sizing = budget_settings(methods, budget, overrides, options) if budget else {m: {} for m in methods}
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []

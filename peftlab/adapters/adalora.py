@@ -19,13 +19,14 @@ from torch import Tensor, nn
 
 from ..settings import at_least, opt
 from .controller import ScheduledController
-from .layer import AdapterLayer
+from .layer import AdapterLayer, check_rank
 from .registry import register
 from .svd import SVDConfig, SVDLinear, orthogonality_penalty, update_sensitivity
 
 
 class AdaLoRALinear(SVDLinear):
     def __init__(self, base_layer: nn.Module, config: "AdaLoRAConfig", name: str):
+        check_rank(config.init_r, base_layer, "init_r", name)
         # the scale keeps r0 for good, even after pruning and reloading, as the released code does
         super().__init__(base_layer, config.init_r, config.lora_alpha, config.init_r, config.lora_dropout)
         if config.init_like_lora:

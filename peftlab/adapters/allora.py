@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..settings import above, opt
 from .config import LowRankConfig
-from .layer import AdapterLayer, LowRankLayer
+from .layer import AdapterLayer, LowRankLayer, check_rank
 from .registry import register
 
 
@@ -51,6 +51,7 @@ class ALLoRABranch(torch.autograd.Function):
 
 class ALLoRALinear(LowRankLayer):
     def __init__(self, base_layer: nn.Module, config: "ALLoRAConfig", name: str):
+        check_rank(config.r, base_layer, "r", name)
         super().__init__(base_layer, config.r, config.lora_alpha / config.r)  # no dropout: the method drops it
         self.inv_eta_sq = 1.0 / config.eta ** 2
 

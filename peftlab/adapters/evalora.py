@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import quant
 from ..progress import progress
 from ..settings import Check, at_least, opt, within
 from .controller import Controller
-from .layer import AdapterLayer, pattern_value
+from .layer import AdapterLayer, check_rank, pattern_value
 from .lora import LoRAConfig, LoRALinear
 from .registry import register
 
@@ -40,6 +41,12 @@ class EVALinear(LoRALinear):
         super().__init__(base_layer, config, name)
         self.rank = self.r
         self.r_nominal, self.alpha_nominal = config.r, config.lora_alpha  # the budget share before prepare
+
+    @staticmethod
+    def rows(config: "EVAConfig", name: str, base_layer: nn.Module) -> int:
+        """round(rho x r) rows before prepare (a saved adapter: its rank), at most the layer's full rank."""
+        check_rank(config.r, base_layer, "r", name)
+        return min(config.rank_for(name), *quant.base_shape(base_layer))
 
     def is_active(self) -> bool:
         return self.rank > 0
@@ -158,7 +165,7 @@ class EVAController(Controller):
         if not batches:
             raise ValueError("evalora's prepare needs training batches to compute its initialization")
         names = list(self.layers)
-        caps = {n: min(round(cfg.rho * self.layers[n].r_nominal), self.layers[n].in_features) for n in names}
+        caps = {n: self.layers[n].r for n in names}  # round(rho x r), or the layer's full rank
         budget = sum(self.layers[n].r_nominal for n in names)
         inputs: dict[str, Tensor] = {}
         mask: list[Tensor | None] = [None]

@@ -28,10 +28,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
-from .. import kernels
+from .. import kernels, quant
 from ..settings import at_least, opt
 from .controller import ScheduledController
-from .layer import AdapterLayer
+from .layer import AdapterLayer, check_rank
 from .registry import register
 from .svd import SVDConfig, SVDLinear, orthogonality_penalty
 
@@ -40,9 +40,11 @@ RESERVE_E = 1e-5
 
 class IncreLoRALinear(SVDLinear):
     def __init__(self, base_layer: nn.Module, config: "IncreLoRAConfig", name: str):
+        check_rank(config.init_r, base_layer, "init_r", name)
         ranknum = config.rank_pattern.get(name, config.init_r)
         scale_rank = ranknum if config.scale_by_live_rank else config.target_r
-        super().__init__(base_layer, config.max_rank, config.lora_alpha, scale_rank, config.lora_dropout)
+        ceiling = min(config.max_rank, *quant.base_shape(base_layer))  # no module grows past its full rank
+        super().__init__(base_layer, ceiling, config.lora_alpha, scale_rank, config.lora_dropout)
         if config.init_like_lora:
             self.start_like_lora(ranknum, config.target_r)
         reserves = config.reserve_pattern.get(name, 0)
@@ -98,13 +100,13 @@ class IncreLoRAController(ScheduledController):
         self.top_h = config.top_h or max(1, math.ceil(n / 4))
         self.rounds = math.ceil(max(0, self.target_total - config.init_r * n) / (self.top_h * config.rank_step))
         super().__init__(model, config, layers)
-        rows = config.max_rank
         self.ema = {name: torch.zeros(2) for name in layers}                # (Ī, Ū) per module
-        self.e_born = {name: torch.full((rows,), -1) for name in layers}    # step each E row joined training
-        self.ab_born = {name: torch.full((rows,), -1) for name in layers}   # same for the A, B rows
+        rows = {name: layer.lora_A.shape[0] for name, layer in layers.items()}  # the module's ceiling
+        self.e_born = {name: torch.full((rows[name],), -1) for name in layers}  # step each E row joined training
+        self.ab_born = {name: torch.full((rows[name],), -1) for name in layers}  # same for the A, B rows
         self.started = False  # the first applied step draws the first reserves (a skipped step does not)
         self.completed = sum(layer.rank for layer in layers.values()) >= self.target_total
-        self.snapshot: dict[str, dict[str, Tensor]] = {}
+        self.snapshot: dict[tuple[str, str], tuple[Tensor, Tensor, list[Tensor]]] = {}
         self._set_scoring(not self.completed)
 
     def plan(self) -> None:
@@ -322,7 +324,7 @@ class IncreLoRAController(ScheduledController):
 
     def report(self) -> dict[str, Any]:
         ranks = {name: layer.rank for name, layer in self.layers.items()}
-        ceiling = [name for name, rank in ranks.items() if rank >= self.config.max_rank]
+        ceiling = [name for name, rank in ranks.items() if rank >= self.layers[name].lora_A.shape[0]]
         return {"budget": sum(ranks.values()), "target_budget": self.target_total, "ranks": ranks,
                 "at_ceiling": ceiling}
 

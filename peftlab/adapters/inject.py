@@ -7,7 +7,6 @@ dotted suffix of it, and "all-linear" takes every adaptable layer but the output
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,7 +16,7 @@ from torch import nn
 from .. import kernels, quant
 from .config import AdapterConfig
 from .controller import Controller
-from .layer import AdapterLayer, set_module
+from .layer import AdapterLayer, fullmatch, set_module
 from .registry import Method, get_config, method_of
 
 ALL_LINEAR = "all-linear"
@@ -44,7 +43,7 @@ class AdapterState:
 
 def matches(patterns: str | tuple[str, ...], name: str) -> bool:
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+        return fullmatch(patterns, name)
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
@@ -138,13 +137,19 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
         raise ValueError(f"fused=False applies to the LoRA family; {method.name} always folds its update "
                          "into the base product and has no separate eager path")
 
+    # every layer and the controller are built before the model is touched: a layer that cannot be
+    # built (a rank above the layer's full rank) leaves the model as it was
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    try:
+        layers = {name: method.layer(modules[name], config, name) for name in targets}
+        controller = method.controller(model, config, layers)
+    except BaseException:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        raise
     model.requires_grad_(False)
-    layers = {}
-    for name in targets:
-        layer = method.layer(modules[name], config, name)
+    for name, layer in layers.items():
         set_module(model, name, layer)
-        layers[name] = layer
-    for layer in layers.values():
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     if config.fused:
@@ -154,7 +159,7 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
     originals = {name: modules[name] for name in saved}
     for name in saved:
         set_module(model, name, copy.deepcopy(modules[name]).requires_grad_(True))
-    model.peftlab = AdapterState(method, method.controller(model, config, layers), layers, saved, originals)
+    model.peftlab = AdapterState(method, controller, layers, saved, originals)
     return model
 
 

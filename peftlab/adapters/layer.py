@@ -4,9 +4,9 @@ untouched except by merge; and the B·A factor pair that the LoRA family shares.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
+import regex
 import torch
 from torch import Tensor, nn
 
@@ -21,12 +21,34 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def fullmatch(pattern: str, name: str) -> bool:
+    """Whether a regex (from a config, perhaps from a file) matches all of a module name, in bounded
+    time: a pattern with nested quantifiers that backtracks for seconds is an error, not a hang."""
+    try:
+        return regex.fullmatch(pattern, name, timeout=0.5) is not None
+    except TimeoutError:
+        raise ValueError(f"the pattern {pattern!r} takes too long to match module names (nested quantifiers?); "
+                         "use module-name suffixes or a simpler regex") from None
+    except regex.error as e:
+        raise ValueError(f"{pattern!r} is not a valid regular expression ({e})") from None
+
+
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a full name or a dotted suffix of it."""
     for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?({key})", module_name):
+        if fullmatch(rf"(.*\.)?({key})", module_name):
             return value
     return default
+
+
+def check_rank(rank: int, base_layer: nn.Module, setting: str, name: str) -> None:
+    """A low-rank update of `rank` fits the layer: no more than its full rank min(d_in, d_out)
+    (checked before anything is allocated)."""
+    d_in, d_out = quant.base_shape(base_layer)
+    if rank > min(d_in, d_out):
+        raise ValueError(f"{setting}={rank} is above the full rank of {name} ({d_out} x {d_in}: at most "
+                         f"{min(d_in, d_out)}); an update of that rank cannot exist. Use {setting} <= {min(d_in, d_out)} "
+                         "(rank_pattern sets it per module)")
 
 
 class AdapterLayer(nn.Module):

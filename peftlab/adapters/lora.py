@@ -16,13 +16,13 @@ from torch import Tensor, nn
 
 from ..settings import Check, above, one_of, opt, within
 from .config import LowRankConfig
-from .layer import AdapterLayer, LowRankLayer, pattern_value
+from .layer import AdapterLayer, LowRankLayer, check_rank, pattern_value
 from .registry import register
 
 
 class LoRALinear(LowRankLayer):
     def __init__(self, base_layer: nn.Module, config: "LoRAConfig", name: str):
-        r, alpha = config.rank_for(name), pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        r, alpha = self.rows(config, name, base_layer), pattern_value(config.alpha_pattern, name, config.lora_alpha)
         super().__init__(base_layer, r, config.scale(r, alpha), config.lora_dropout)
         self.alpha = alpha
         if config.init_lora_weights == "gaussian":
@@ -31,6 +31,12 @@ class LoRALinear(LowRankLayer):
         elif config.init_lora_weights is False:  # both non-zero: tests only (PEFT's init_lora_weights=False)
             with torch.no_grad():
                 nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+
+    @staticmethod
+    def rows(config: "LoRAConfig", name: str, base_layer: nn.Module) -> int:
+        r = config.rank_for(name)
+        check_rank(r, base_layer, "r" if r == config.r else "rank_pattern", name)
+        return r
 
     def branch(self, x: Tensor) -> Tensor:
         h = self.dropout(x.to(self.lora_A.dtype))             # (..., d_in)

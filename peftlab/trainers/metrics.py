@@ -63,7 +63,10 @@ class MetricsLog:
         if not self.accelerator.is_main_process:
             return
         record = {**metrics, **({"report": report} if report else {})}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a torn last line is dropped when the run resumes (read_metrics)
+            raise OSError(e.errno, f"could not write {self.path} ({e.strerror})") from None
         scalars = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
         self.accelerator.log(scalars, step=metrics["step"])

@@ -29,8 +29,8 @@ from .. import kernels
 from ..adapters.controller import Controller
 from ..adapters.inject import state_of
 from ..data import EpochBatches, PadCollator
-from ..io import save_adapter
-from ..progress import progress
+from ..io import refuse_overlap, save_adapter
+from ..progress import progress, silenced
 from .checkpoint import METRICS_NAME, RunDirectory, fingerprint, resumable, write_checkpoint
 from .config import TrainConfig
 from .distributed import accelerator_for, distribute, without_sync
@@ -85,6 +85,7 @@ class Trainer:
                              "metrics go to")
         if len(train_dataset) == 0:
             raise ValueError("train_dataset is empty")
+        refuse_overlap(config.output_dir, {"base model": getattr(model, "name_or_path", None)})
         self.model, self.config = model, config
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.collate = data_collator or PadCollator()
@@ -111,10 +112,11 @@ class Trainer:
         fast_dropout = kernels.fast_dropout(self.model) if self.config.fast_dropout else nullcontext()
         self.run_dir.lock()
         try:
-            self.loop = self._start(resume_from_checkpoint)
-            # the loss head stands in after sharding, which needs the model's own output head
-            with self.objective.context(self.model), fast_dropout:
-                return self._train(self.loop)
+            with silenced(self.config.disable_tqdm):
+                self.loop = self._start(resume_from_checkpoint)
+                # the loss head stands in after sharding, which needs the model's own output head
+                with self.objective.context(self.model), fast_dropout:
+                    return self._train(self.loop)
         finally:
             self.run_dir.unlock()
 
