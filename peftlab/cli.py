@@ -16,6 +16,7 @@ EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 def _options(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
     """Settings given as the command's own options rather than key=value."""
     given = {"model.path": (args.model, "--model"), "data.dataset": (args.dataset, "--dataset"),
+             "data.eval_dataset": (getattr(args, "eval_dataset", None), "--eval-dataset"),
              "train.output_dir": (getattr(args, "output_dir", None), "--output-dir"),
              "model.load_in_4bit": (getattr(args, "load_in_4bit", False) or None, "--load-in-4bit")}
     return {key: (value, flag) for key, (value, flag) in given.items() if value}
@@ -25,19 +26,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune a model with an adapter; with no --model/--dataset, the embedded sentiment demo.
     Settings are key=value (`peftlab keys` lists them, by section, with their defaults)."""
     from . import Trainer, trainable_summary
-    from .io import refuse_overlap
     from .recipes import resolve
     from .run import build_run, describe_run, record_run
 
     config = resolve(args.adapter, args.config, args.overrides, _options(args))
-    refuse_overlap(config.train.output_dir, {"model": config.model.path, "dataset": config.data.dataset,
-                                             "recipe": args.config})
     run = build_run(config)
     if args.dry_run:
         print(describe_run(run))
         return 0
     trainer = Trainer(run.model, config.train, run.train_set, eval_dataset=run.eval_set, data_collator=run.collator)
-    trainer.accelerator.print(trainable_summary(run.model))
     start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=args.resume)
@@ -91,7 +88,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate a trained adapter on its run's held-out data, or on --dataset's held-out tail."""
+    """Evaluate a trained adapter on its run's evaluation data, or on all of --dataset."""
     from .run import evaluate_trained
 
     print_table(evaluate_trained(args.adapter_dir, args.model, args.dataset))
@@ -168,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (sub.choices["train"], sub.choices["compare"]):
         p.add_argument("--model", help="model path or hub name (default: the packaged MiniLM)")
         p.add_argument("--dataset", help="a data file or hub dataset (default: the embedded sentiment task)")
+        p.add_argument("--eval-dataset", help="evaluate on this data, whole (default: the dataset's held-out tail)")
 
     command("adapters", cmd_adapters, "list the adapter methods", "peftlab adapters")
 
@@ -183,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rank", type=int, help="truncate to this rank (needed for full-rank methods: sara, randlora)")
 
     v = command("eval", cmd_eval, "evaluate a trained adapter", "peftlab eval runs/evalora")
-    v.add_argument("--dataset", help="evaluate on this data's held-out tail instead")
+    v.add_argument("--dataset", help="evaluate on all of this data instead")
 
     g = command("generate", cmd_generate, "generate text from a trained causal-LM adapter",
                 'peftlab generate runs/chat --prompt "Name three uses of vinegar."')

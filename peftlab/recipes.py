@@ -21,6 +21,7 @@ import yaml
 
 from .adapters.config import AdapterConfig
 from .adapters.registry import get_method, list_adapters
+from .io import refuse_overlap
 from .models import TASKS
 from .settings import Check, SettingError, at_least, closest, field_names, one_of, opt, shorten, validate, within
 from .trainers.config import TrainConfig
@@ -46,11 +47,23 @@ class DataConfig:
     """What to train on; with no dataset, the embedded sentiment task."""
 
     dataset: str | None = opt(None, "a .jsonl/.json/.csv/.parquet file or a hub dataset; None = the embedded task")
+    eval_dataset: str | None = opt(None, "a separate evaluation file or hub dataset, scored whole; None = the "
+                                         "held-out tail (eval_fraction) of dataset")
+    split: str = opt("train", "the split of a hub dataset or a save_to_disk directory to train on")
+    eval_split: str = opt("test", "the split of eval_dataset (a hub dataset or save_to_disk directory)")
+    subset: str | None = opt(None, "the subset (configuration) of a hub dataset")
     max_length: int | None = opt(None, "tokens per example; None = the model's context, at most 2048 (the task's "
                                        "default is in configs/tasks.yaml: seq-cls 128)", check=at_least(1))
     text_column: str = opt("text", "column holding the text")
     pair_column: str | None = opt(None, "second text column of sentence-pair tasks")
     label_column: str = opt("label", "column holding the integer class id (seq-cls)")
+    prompt_column: str = opt("prompt", "causal-lm: column of a prompt + response row's prompt")
+    response_column: str = opt("response", "causal-lm: column of a prompt + response row's response")
+    messages_column: str = opt("messages", "causal-lm: column holding a conversation (a list of role/content turns)")
+    chat_template: str | None = opt(None, "causal-lm: chatml, llama3, mistral, gemma, phi3 or a Jinja file, for models "
+                                          "without a template (or to replace theirs); None = the tokenizer's own")
+    system_prompt: str | None = opt(None, "causal-lm: the system turn of conversations without one ('' = an empty "
+                                          "one); None = whatever the chat template adds")
     eval_fraction: float = opt(0.1, "held-out tail of the dataset used for evaluation, in (0, 1)",
                                check=Check(lambda v: 0 < v < 1, "in (0, 1)"))
     packing: bool = opt(False, "causal-lm: concatenate examples into max_length blocks")
@@ -134,7 +147,8 @@ def resolve(method: str | None = None, recipe: str | os.PathLike | None = None, 
             options: dict[str, tuple[Any, str]] | None = None) -> RunConfig:
     """The run's settings. `method` may be left out when `recipe` names it; `overrides` are
     `key=value` strings (a key is an adapter, model, data or train field); `options` are a command's
-    own options, {"section.key": (value, "--flag")}, and an override that says otherwise is an error."""
+    own options, {"section.key": (value, "--flag")}, and an override that says otherwise is an error. An
+    output directory that is, contains or lies inside an input (model, data, recipe) is refused."""
     data = load_recipe(recipe, get_method(method).name if method else None) if recipe or method else {}
     if method is None:
         if not data.get("adapter"):
@@ -167,7 +181,10 @@ def resolve(method: str | None = None, recipe: str | os.PathLike | None = None, 
         values[section][key] = value
         origin[section, key] = f"{text}" if text.startswith("--") else f"{key}={text} (command line)"
     values["train"].setdefault("output_dir", f"runs/{name}")
-    return _build(name, values, origin)
+    config = _build(name, values, origin)
+    refuse_overlap(config.train.output_dir, {"model": config.model.path, "dataset": config.data.dataset,
+                                             "eval dataset": config.data.eval_dataset, "recipe": recipe})
+    return config
 
 
 def keys_table(config: RunConfig) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .io import RUN_RECORD as RECORD_NAME
 from .io import atomic_save, refuse_overlap
-from .models import default_model, load_model, load_tokenizer
+from .models import load_model, load_tokenizer
 from .recipes import ModelConfig, RunConfig, as_mapping
 
 RECORD_VERSION = 1
@@ -35,36 +35,48 @@ class Run:
     collator: Any
 
 
-def build_data(config: RunConfig, tokenizer, context: int | None = None) -> tuple[list, list, list[str]]:
-    """(train, eval) features and where each came from; the embedded task when no dataset is named."""
+def build_data(config: RunConfig, tokenizer, context: int | None = None,
+               eval_only: bool = False) -> tuple[list, list, list[str]]:
+    """(train, eval) features and where each came from: the dataset and its held-out tail, or the
+    dataset and eval_dataset whole; the embedded task when no dataset is named. `eval_only` reads
+    and tokenizes the eval split alone (train comes back empty)."""
     from . import data as datalib
+    from .chat import causal_lm_features, chat_notes, conversation
 
     data, task = config.data, config.model.task
     max_length = data.max_length or min(context or 2048, 2048)
-    if data.dataset is None:
+    if data.dataset is None and data.eval_dataset is None:
         if task != "seq-cls":
             raise ValueError("the embedded dataset is a classification task; pass --dataset for task=causal-lm")
         seed = config.train.seed
-        splits = [("embedded sentiment (train)", datalib.sentiment_dataset(TRAIN_EXAMPLES, seed)),
+        splits = [("embedded sentiment (train)", [] if eval_only else datalib.sentiment_dataset(TRAIN_EXAMPLES, seed)),
                   ("embedded sentiment (eval)", datalib.sentiment_dataset(EVAL_EXAMPLES, seed + 1))]
+    elif data.eval_dataset is not None:
+        train = [] if eval_only or data.dataset is None else datalib.read_records(data.dataset, data.split, data.subset)
+        splits = [(data.dataset, train), (data.eval_dataset,
+                                          datalib.read_records(data.eval_dataset, data.eval_split, data.subset))]
     else:
-        rows = datalib.read_records(data.dataset)
+        rows = datalib.read_records(data.dataset, data.split, data.subset)
         cut = max(1, int(len(rows) * (1 - data.eval_fraction)))  # a deterministic held-out tail
         if cut >= len(rows):
             raise ValueError(f"{data.dataset} has {len(rows)} examples: too few to hold out an eval split")
-        splits = [(data.dataset, rows[:cut]), (f"{data.dataset} (held-out tail)", rows[cut:])]
+        splits = [(data.dataset, [] if eval_only else rows[:cut]), (f"{data.dataset} (held-out tail)", rows[cut:])]
+    columns = {"prompt_column": data.prompt_column, "response_column": data.response_column,
+               "messages_column": data.messages_column}
     if task == "causal-lm":
-        chat = any(datalib.conversation(row, "", 0) is not None for row in splits[0][1][:100])
-        for note in datalib.check_tokenizer_for_chat(tokenizer)[: 2 if chat else 1]:
+        chat = any(conversation(row, "", 0, **columns) is not None for _, rows in splits for row in rows[:100])
+        for note in chat_notes(tokenizer, chat, data.system_prompt):
             print(f"peftlab: note: {note}")
     out = []
     for source, rows in splits:
-        if task == "seq-cls":
+        if not rows:
+            out.append([])
+        elif task == "seq-cls":
             out.append(datalib.classification_features(rows, tokenizer, source, config.model.num_labels, max_length,
                                                        data.text_column, data.pair_column, data.label_column))
         else:
-            out.append(datalib.causal_lm_features(rows, tokenizer, source, max_length, data.packing,
-                                                  data.drop_truncated, data.max_truncated_fraction))
+            out.append(causal_lm_features(rows, tokenizer, source, max_length, data.packing, data.drop_truncated,
+                                          data.max_truncated_fraction, data.system_prompt, columns))
     return out[0], out[1], [source for source, _ in splits]
 
 
@@ -78,10 +90,13 @@ def build_run(config: RunConfig) -> Run:
     from transformers import set_seed
 
     from .adapters.inject import wrap
+    from .chat import use_chat_template
     from .data import PadCollator
 
     set_seed(config.train.seed)
-    tokenizer = load_tokenizer(config.model.path or default_model())
+    tokenizer = load_tokenizer(config.model.path)
+    if config.data.chat_template:  # saved with the run, so generate and eval render alike
+        use_chat_template(tokenizer, config.data.chat_template)
     model = load_base(config.model)
     context = getattr(model.config, "max_position_embeddings", None)
     train_set, eval_set, _ = build_data(config, tokenizer, context)
@@ -173,10 +188,16 @@ def describe_run(run: Run) -> str:
                                gradient_checkpointing=train.gradient_checkpointing, bf16=train.bf16,
                                processes=processes, fsdp=train.fsdp)
     where = f" with fsdp over {processes} processes" if train.fsdp and processes > 1 else ""
-    return "\n".join([yaml.safe_dump(run.config.to_dict(), sort_keys=False).rstrip(),
-                      f"examples: {len(run.train_set)} train, {len(run.eval_set)} eval",
-                      trainable_summary(run.model),
-                      f"{estimate}{where}, at batches of {train.per_device_train_batch_size} x {longest} tokens"])
+    lines = [yaml.safe_dump(run.config.to_dict(), sort_keys=False).rstrip(),
+             f"examples: {len(run.train_set)} train, {len(run.eval_set)} eval",
+             trainable_summary(run.model),
+             f"{estimate}{where}, at batches of {train.per_device_train_batch_size} x {longest} tokens"]
+    if run.config.model.task == "causal-lm":
+        from .chat import marked
+
+        lines.append(f"the first training example as the model sees it, trained tokens between ⟦ and ⟧:\n"
+                     f"{marked(run.tokenizer, run.train_set[0])}")
+    return "\n".join(lines)
 
 
 def load_trained(directory: str | os.PathLike, model_path: str | None = None, load_in_4bit: bool = False,
@@ -192,20 +213,21 @@ def load_trained(directory: str | os.PathLike, model_path: str | None = None, lo
     model.path = model_path or model.path
     model.load_in_4bit = model.load_in_4bit or load_in_4bit
     saved = (Path(directory) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(directory) if saved else model.path or default_model())
+    tokenizer = load_tokenizer(str(directory) if saved else model.path)
     return record, load_adapter(load_base(model), directory), tokenizer
 
 
 def evaluate_trained(directory: str | os.PathLike, model_path: str | None = None,
                      dataset: str | None = None) -> dict[str, Any]:
-    """A trained adapter's metrics on its run's held-out data, or on `dataset`'s held-out tail."""
+    """A trained adapter's metrics on its run's evaluation data, or on all of `dataset`."""
     from .data import PadCollator
     from .trainers.objectives import evaluate, objective_for
 
     record, model, tokenizer = load_trained(directory, model_path)
     config = record.config
-    config.data.dataset = dataset or config.data.dataset
-    _, eval_set, sources = build_data(config, tokenizer, getattr(model.config, "max_position_embeddings", None))
+    config.data.eval_dataset = dataset or config.data.eval_dataset
+    _, eval_set, sources = build_data(config, tokenizer, getattr(model.config, "max_position_embeddings", None),
+                                      eval_only=True)
     print(f"scoring {len(eval_set)} examples of {sources[1]}")
     return evaluate(model, eval_set, PadCollator(tokenizer.pad_token_id), objective_for(model, eval_set[0]),
                     config.train.eval_batch_size)

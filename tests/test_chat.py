@@ -11,7 +11,7 @@ import torch
 
 import peftlab
 from peftlab.cli import main
-from peftlab.data import causal_lm_features
+from peftlab.chat import causal_lm_features
 
 from conftest import chat_rows, tiny_chat_llm
 

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from peftlab.data import EpochBatches, PadCollator, causal_lm_features, read_records, sentiment_dataset
+from peftlab.chat import causal_lm_features
+from peftlab.data import EpochBatches, PadCollator, read_records, sentiment_dataset
 
 
 class CharTokenizer:
@@ -38,10 +39,33 @@ def test_chat_template_is_used_when_the_tokenizer_has_one():
     assert row["input_ids"].tolist() == [9, 1, 2, 9, 3, 8] and row["labels"].tolist() == [-100] * 4 + [3, 8]
 
 
-def test_packing_makes_full_blocks():
-    rows = [{"text": "abcdef"}, {"text": "ghij"}]
-    blocks = causal_lm_features(rows, CharTokenizer(), "mem", max_length=4, packing=True)
-    assert [b["input_ids"].tolist() for b in blocks] == [[1, 2, 3, 4], [5, 6, 0, 7], [8, 9, 10, 0]]
+def test_packing_puts_whole_examples_in_blocks_with_their_own_positions():
+    rows = [{"text": "ab"}, {"text": "cde"}, {"text": "fghij"}, {"text": "k"}]
+    blocks = causal_lm_features(rows, CharTokenizer(), "mem", max_length=8, packing=True)
+    assert [b["input_ids"].tolist() for b in blocks] == [[1, 2, 0, 3, 4, 5, 0], [6, 7, 8, 9, 10, 0, 11, 0]]
+    assert [b["position_ids"].tolist() for b in blocks] == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1]]
+    assert blocks[0]["labels"].tolist() == [-100, 2, 0, -100, 4, 5, 0], "no example's first token is a target"
+    assert "attention_mask" not in blocks[0], "without a mask transformers attends within each example"
+
+
+def test_a_packed_batch_has_the_loss_of_its_examples_alone():
+    """Position ids that restart per example and no attention mask: transformers attends within each
+    example, so a packed block's token losses are its examples' own (Llama, eager and sdpa)."""
+    from conftest import tiny_llama
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(1, 96, (n,), generator=gen).tolist()} for n in (5, 9, 3, 7)]
+    features = [(r["input_ids"], r["input_ids"]) for r in rows]
+    from peftlab.chat import pack
+
+    (block,) = pack(features, max_length=32)
+    for attention in ("eager", "sdpa"):
+        model = tiny_llama()
+        model.config._attn_implementation = attention
+        packed = model(input_ids=block["input_ids"][None], position_ids=block["position_ids"][None],
+                       use_cache=False).logits  # (a cache turns the packed-sequence masks off, as the trainer knows)
+        alone = torch.cat([model(input_ids=torch.tensor([ids])).logits[0] for ids, _ in features])
+        torch.testing.assert_close(packed[0], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_collator_pads_inputs_and_labels_differently():

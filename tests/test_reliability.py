@@ -332,7 +332,7 @@ def test_a_trained_head_of_another_size_is_named(tmp_path, reviews, capsys):
 
 
 def test_an_empty_assistant_turn_is_named_as_such(tmp_path):
-    from peftlab.data import causal_lm_features
+    from peftlab.chat import causal_lm_features
 
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}]
     tokenizer = peftlab.models.load_tokenizer(None)

@@ -142,6 +142,8 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
     trainable = {p: p.requires_grad for p in model.parameters()}
     try:
         layers = {name: method.layer(modules[name], config, name) for name in targets}
+        if config.fused:  # before the controller, which may put a layer on its eager path (IncreLoRA's growth)
+            kernels.attach(layers)
         controller = method.controller(model, config, layers)
     except BaseException:
         for p, flag in trainable.items():
@@ -152,8 +154,6 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
         set_module(model, name, layer)
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
-    if config.fused:
-        kernels.attach(layers)
     # modules_to_save train a copy (as PEFT does): a head tied to the input embeddings stays
     # untouched, and unwrap() puts the original back
     originals = {name: modules[name] for name in saved}

@@ -27,9 +27,10 @@ from transformers import get_scheduler
 
 from .. import kernels
 from ..adapters.controller import Controller
-from ..adapters.inject import state_of
+from ..adapters.inject import state_of, trainable_summary
 from ..data import EpochBatches, PadCollator
 from ..io import refuse_overlap, save_adapter
+from ..memory import return_freed_memory
 from ..progress import progress, silenced
 from .checkpoint import METRICS_NAME, RunDirectory, fingerprint, resumable, write_checkpoint
 from .config import TrainConfig
@@ -53,6 +54,7 @@ class _Loop:
     micro: int
     batches: Iterator[Batch]
     first_step: int = 0                   # where this session started (a resumed run's checkpoint)
+    tokens: list[int] = field(default_factory=lambda: [0, 0])  # this session's example tokens, and with padding
     losses: list[float] = field(default_factory=list)  # applied steps since the last log line
     started: float = field(default_factory=time.perf_counter)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +62,13 @@ class _Loop:
     @property
     def step_time(self) -> float:
         return (time.perf_counter() - self.started) / max(1, self.step - self.first_step)
+
+    @property
+    def throughput(self) -> dict[str, float]:
+        """Example tokens per second, and the fraction of the batches' tokens that were padding."""
+        seen, padded = self.tokens
+        return {"tokens_per_second": seen / max(time.perf_counter() - self.started, 1e-9),
+                "padding": 1 - seen / max(padded, 1)}
 
 
 class Trainer:
@@ -86,6 +95,7 @@ class Trainer:
         if len(train_dataset) == 0:
             raise ValueError("train_dataset is empty")
         refuse_overlap(config.output_dir, {"base model": getattr(model, "name_or_path", None)})
+        return_freed_memory()  # RSS then follows the live tensors, as estimate_memory counts them
         self.model, self.config = model, config
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.collate = data_collator or PadCollator()
@@ -166,7 +176,7 @@ class Trainer:
         if step % cfg.logging_steps == 0 or step == loop.total:
             loop.metrics = {"step": step, "learning_rate": loop.scheduler.get_last_lr()[0],
                             "grad_norm": grad_norm.item(), "skipped_steps": self.lifecycle.skipped_total,
-                            "step_time": loop.step_time}
+                            "step_time": loop.step_time, **loop.throughput}
             if loop.losses:  # skipped steps are counted, never averaged in as a loss
                 loop.metrics["loss"] = sum(loop.losses) / len(loop.losses)
             loop.losses = []
@@ -202,7 +212,7 @@ class Trainer:
             save_adapter(self.model, self.run_dir.path)
             self.metrics.log(final, self.controller.report())
         acc.end_training()
-        return {**final, "step_time": loop.step_time, "skipped_steps": self.lifecycle.skipped_total}
+        return {**final, "step_time": loop.step_time, **loop.throughput, "skipped_steps": self.lifecycle.skipped_total}
 
     # ------------------------------------------------------------------ set-up
     def _start(self, resume: bool | str) -> _Loop:
@@ -242,14 +252,21 @@ class Trainer:
         model = distribute(self.model, acc, cfg.fsdp)
         if cfg.torch_compile:  # fallback_random: dropout draws as in eager mode, so seeds mean the same
             model = torch.compile(model, options={"fallback_random": True})
-        return _Loop(model, optimizer, scheduler, total, step, micro, self._micro_batches(batches, micro), step)
+        acc.print(trainable_summary(self.model))  # after prepare: EVA's final ranks
+        loop = _Loop(model, optimizer, scheduler, total, step, micro, iter(()), step)
+        loop.batches = self._micro_batches(batches, micro, loop.tokens)
+        return loop
 
-    def _micro_batches(self, batches: EpochBatches, start: int) -> Iterator[Batch]:
-        """Micro-batches from global position `start` on, across epochs, already on the device."""
+    def _micro_batches(self, batches: EpochBatches, start: int, tokens: list[int]) -> Iterator[Batch]:
+        """Micro-batches from global position `start` on, across epochs, already on the device;
+        `tokens` counts their examples' tokens and the tokens with padding."""
         epoch, index = divmod(start, len(batches))
         while True:
             for indices in batches.epoch(epoch, index):
-                batch = self.collate([self.train_dataset[i] for i in indices])
+                rows = [self.train_dataset[i] for i in indices]
+                batch = self.collate(rows)
+                tokens[0] += sum(len(row["input_ids"]) for row in rows)
+                tokens[1] += batch["input_ids"].numel()
                 yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
             epoch, index = epoch + 1, 0
 
