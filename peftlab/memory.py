@@ -24,17 +24,19 @@ from . import quant
 from .adapters.inject import is_wrapped, state_of, wrap
 
 RUNTIME_BYTES = 500 * 2 ** 20  # RSS of Python with torch, transformers, accelerate and peftlab imported (Linux, CPU)
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 4 * 2 ** 20  # glibc's mallopt parameter, and peftlab's value
 
 
 def return_freed_memory() -> None:
-    """Let freed tensors give their memory back to the system, as the estimate assumes (glibc).
+    """Let freed activations give their memory back to the system, as the estimate assumes (glibc).
 
-    glibc raises its mmap threshold to the largest block freed so far (up to 32 MB), after which
-    tensors of a few MB come from the heap, whose freed pages stay resident: a run's RSS crept
-    200-450 MiB above its live tensors over the first steps, 27% over `--dry-run` on a 60M NF4
-    Llama. A fixed 128 KiB threshold (what MALLOC_MMAP_THRESHOLD_=131072 sets, which also stops the
-    adjustment) keeps large blocks mmapped and returned on free. peftlab.Trainer calls this; a set
+    glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB), after which
+    tensors of up to that size come from the heap, whose freed pages stay resident: a run's RSS
+    crept 200-450 MiB above its live tensors over the first steps, 27% over `--dry-run` on a 60M NF4
+    Llama. A fixed threshold stops the rise. At 4 MiB, blocks that size and larger (activations,
+    logits chunks) are mmapped and returned on free while smaller ones reuse the heap; 128 KiB (what
+    MALLOC_MMAP_THRESHOLD_=131072 sets) returns everything but cost ~25% step time in page faults on
+    SmolLM2 (4 MiB: within the noise of ~5%). peftlab.Trainer calls this; a set
     MALLOC_MMAP_THRESHOLD_ is left as the user chose it, and non-glibc systems are left alone."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
@@ -42,7 +44,7 @@ def return_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 @dataclass(frozen=True)

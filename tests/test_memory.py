@@ -92,10 +92,10 @@ if sys.argv[1] == "trainer":
     peftlab.Trainer(peftlab.wrap(tiny_llama(), "lora", r=2), peftlab.TrainConfig(output_dir=sys.argv[3]),
                     [{"input_ids": torch.arange(4), "labels": torch.arange(4)}])
 start = rss()
-for i in range(30):  # a 64 MB block freed raises glibc's dynamic threshold; then 1-13 MB tensors come and go
+for i in range(30):  # a 64 MB block freed raises glibc's dynamic threshold; then 4-16 MB tensors come and go
     big = torch.ones(16 * 2 ** 20)
     del big
-    kept = [torch.ones(int((1 + i * 7 % 13) * 2 ** 18)) for _ in range(20)]
+    kept = [torch.ones(int((4 + i * 7 % 13) * 2 ** 18)) for _ in range(20)]
     del kept
 print(rss() - start)
 """

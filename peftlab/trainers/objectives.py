@@ -63,7 +63,7 @@ class TokenLogProbs(nn.Module):
 def supports_chunked_loss(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return (head is not None and hasattr(model, "lm_head") and model.lm_head is head
+    return (head is not None and model._modules.get("lm_head") is head  # its own child (not a wrapper's lookup)
             and not any(getattr(config, key, None) for key in _LOGIT_POSTPROCESSING))
 
 

@@ -205,6 +205,7 @@ class Trainer:
                                      "non-finite loss or gradient, so nothing was trained; check the data (are all "
                                      "labels masked?)")
         final = {"step": loop.step, **({"train_loss": loop.metrics["loss"]} if "loss" in loop.metrics else {})}
+        speed = {"step_time": loop.step_time, **loop.throughput}  # of the training steps, before evaluation
         if self._evaluating:
             final.update(self.evaluate())
         acc.wait_for_everyone()
@@ -212,7 +213,7 @@ class Trainer:
             save_adapter(self.model, self.run_dir.path)
             self.metrics.log(final, self.controller.report())
         acc.end_training()
-        return {**final, "step_time": loop.step_time, **loop.throughput, "skipped_steps": self.lifecycle.skipped_total}
+        return {**final, **speed, "skipped_steps": self.lifecycle.skipped_total}
 
     # ------------------------------------------------------------------ set-up
     def _start(self, resume: bool | str) -> _Loop:
