@@ -9,7 +9,6 @@ import peftlab
 from peftlab.adapters.svd import orthogonality_penalty, update_sensitivity
 
 from conftest import adapter_optimizer, lifecycle_steps, randomize_adapters, tiny_llama, tokens
-from test_lora import Holder
 
 
 def adalora(model=None, **kw):
@@ -28,7 +27,7 @@ def test_identity_at_init_and_init_gradients(like_lora):
     model = adalora(orth_reg_weight=0.0, init_like_lora=like_lora)
     assert torch.equal(model(x).logits, base(x).logits)
     model(x, labels=x).loss.backward()
-    for layer in model.peftlab.layers.values():
+    for layer in model.peftlab.current.layers.values():
         moving, still = (("lora_B",), ("lora_A", "lora_E")) if like_lora else (("lora_E",), ("lora_A", "lora_B"))
         assert all(torch.count_nonzero(getattr(layer, k).grad) > 0 for k in moving)
         assert all(torch.count_nonzero(getattr(layer, k).grad) == 0 for k in still)
@@ -40,7 +39,7 @@ def test_identity_at_init_and_init_gradients(like_lora):
 
 def test_regularizer_is_the_formula_over_every_module_and_its_gradient_reaches_A_and_B():
     model = adalora(orth_reg_weight=0.3)
-    layers = list(model.peftlab.layers.values())
+    layers = list(model.peftlab.current.layers.values())
     penalty = peftlab.controller(model).penalty(0)
     # independent oracle: 0.3 x the mean of the unsquared Frobenius norms, written out by hand
     terms = [torch.sqrt(((l.lora_A @ l.lora_A.t() - torch.eye(6)) ** 2).sum()) for l in layers]
@@ -93,7 +92,7 @@ def test_sensitivity_ema_matches_the_recurrence():
 def test_triplet_score_is_E_plus_row_and_column_means():
     model = adalora()
     ctl = peftlab.controller(model)
-    name = next(iter(model.peftlab.layers))
+    name = next(iter(model.peftlab.current.layers))
     s = {k: torch.rand_like(ctl.ema[f"{name}.{k}"]["I"]) for k in ("lora_A", "lora_E", "lora_B")}
     for k, v in s.items():
         ctl.ema[f"{name}.{k}"]["I"].copy_(v)
@@ -112,25 +111,25 @@ def test_masking_follows_the_budget_zeroes_only_E_and_freezes_in_the_final_phase
         (model(x, labels=x).loss + ctl.penalty(t)).backward()
         ctl.before_optimizer_step(t)
         opt.step()
-        snapshot = {n: (l.lora_A.clone(), l.lora_B.clone()) for n, l in model.peftlab.layers.items()}
+        snapshot = {n: (l.lora_A.clone(), l.lora_B.clone()) for n, l in model.peftlab.current.layers.items()}
         opt_state = [s["exp_avg"].clone() for s in opt.state.values()]
         ctl.after_optimizer_step(t)
         budget, mask_now = ctl.budget(t)
-        live = sum(l.rank for l in model.peftlab.layers.values())
+        live = sum(l.rank for l in model.peftlab.current.layers.values())
         if mask_now:
             assert live == budget, (t, live, budget)
-            for n, l in model.peftlab.layers.items():
+            for n, l in model.peftlab.current.layers.items():
                 assert torch.count_nonzero(l.lora_E[~l.active]) == 0
                 assert torch.equal(l.lora_A, snapshot[n][0]) and torch.equal(l.lora_B, snapshot[n][1])
             assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(opt_state, opt.state.values()))
         if t >= 15:
-            pattern = [l.active.clone() for l in model.peftlab.layers.values()]
+            pattern = [l.active.clone() for l in model.peftlab.current.layers.values()]
             final_pattern = final_pattern or pattern
             assert all(torch.equal(a, b) for a, b in zip(pattern, final_pattern)), "frozen after T - tfinal"
         opt.zero_grad()
     assert ctl.report()["budget"] == ctl.target_budget == 4 * 2
     # masked triplets get no task gradient on A and B
-    layer = next(l for l in model.peftlab.layers.values() if not l.active.all())
+    layer = next(l for l in model.peftlab.current.layers.values() if not l.active.all())
     model(x, labels=x).loss.backward()
     assert torch.count_nonzero(layer.lora_A.grad[~layer.active]) == 0
     assert torch.count_nonzero(layer.lora_B.grad[:, ~layer.active]) == 0
@@ -140,18 +139,18 @@ def test_merge_with_masked_triplets_and_save_load_round_trip(tmp_path):
     model = adalora()
     randomize_adapters(model)
     ctl = peftlab.controller(model)
-    layers = list(model.peftlab.layers.values())
+    layers = list(model.peftlab.current.layers.values())
     layers[0].mask(torch.tensor([True, False, True, False, False, False]))
     layers[1].mask(torch.zeros(6, dtype=torch.bool))  # rank 0 must save and load (PEFT #1539)
     x = tokens()
     expected = model(x).logits
     peftlab.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "ADALORA" and sum(config["rank_pattern"][f"{next(iter(model.peftlab.layers))}.lora_E"]) == 2
+    assert config["peft_type"] == "ADALORA" and sum(config["rank_pattern"][f"{next(iter(model.peftlab.current.layers))}.lora_E"]) == 2
     loaded = peftlab.load_adapter(tiny_llama(), tmp_path)
     assert torch.equal(loaded(x).logits, expected)
-    assert [l.rank for l in loaded.peftlab.layers.values()][:2] == [2, 0]
-    assert all(l.scale == pytest.approx(16 / (6 + 1e-5)) for l in loaded.peftlab.layers.values())  # α / r0
+    assert [l.rank for l in loaded.peftlab.current.layers.values()][:2] == [2, 0]
+    assert all(l.scale == pytest.approx(16 / (6 + 1e-5)) for l in loaded.peftlab.current.layers.values())  # α / r0
     torch.testing.assert_close(peftlab.merge(model)(x).logits, expected, atol=1e-5, rtol=1e-5)
     assert ctl.report()["budget"] == 2 + 0 + 6 + 6
 
@@ -187,34 +186,49 @@ def test_peft_adalora_loads_in_peftlab(tmp_path):
 
 
 def test_equals_peft_step_by_step_with_its_regularizer():
-    """E, A, B and the masks equal HF PEFT's AdaLoRA after every one of 24 steps, with PEFT built with a
-    task_type so that its orthogonality regularizer joins the loss (it does so inside forward)."""
-    settings = dict(init_r=6, target_r=2, total_step=24, tinit=3, tfinal=6, deltaT=2, beta1=0.85, beta2=0.85,
+    """E, A, B, the masks and the importance averages Ī, Ū equal HF PEFT's AdaLoRA after every one of
+    24 steps, with PEFT built with a task_type so that its orthogonality regularizer joins the loss (it
+    does so inside forward). The schedule masks every 4 steps and forces the final mask at T - t_f = 18,
+    between two of them, where neither library updates the averages any more."""
+    settings = dict(init_r=6, target_r=2, total_step=24, tinit=3, tfinal=6, deltaT=4, beta1=0.85, beta2=0.85,
                     orth_reg_weight=0.3, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     theirs = get_peft_model(tiny_llama(), AdaLoraConfig(task_type="CAUSAL_LM", **settings)).train()
     ours = adalora(**settings).train()
-    names = list(ours.peftlab.layers)
+    names = list(ours.peftlab.current.layers)
+    ema = peftlab.controller(ours).ema
     with torch.no_grad():
         for name in names:
             peft_layer = theirs.base_model.model.get_submodule(name)
             for key in ("lora_A", "lora_E", "lora_B"):
                 getattr(peft_layer, key)["default"].normal_(0, 0.1)  # E non-zero from the start
-                getattr(ours.peftlab.layers[name], key).copy_(getattr(peft_layer, key)["default"])
+                getattr(ours.peftlab.current.layers[name], key).copy_(getattr(peft_layer, key)["default"])
     their_opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=2e-2)
     x = tokens(batch=4, length=12)
+    averages = {}  # PEFT's Ī and Ū after its step (it drops them once the pattern is final)
 
     def compare(step):
         for name in names:
-            peft_layer, layer = theirs.base_model.model.get_submodule(name), ours.peftlab.layers[name]
+            peft_layer, layer = theirs.base_model.model.get_submodule(name), ours.peftlab.current.layers[name]
             for key in ("lora_A", "lora_E", "lora_B"):
                 torch.testing.assert_close(getattr(layer, key), getattr(peft_layer, key)["default"],
                                            atol=1e-5, rtol=1e-4, msg=f"{name}.{key} after step {step}")
+                if step <= 18:
+                    for part in ("I", "U"):
+                        torch.testing.assert_close(ema[f"{name}.{key}"][part], averages[f"{name}.{key}.default", part],
+                                                   atol=1e-7, rtol=1e-4, msg=f"{part} of {name}.{key} after step {step}")
             assert torch.equal(layer.lora_E[:, 0] != 0, peft_layer.lora_E["default"][:, 0] != 0), (name, step)
 
     def their_step(step):
         theirs(input_ids=x, labels=x).loss.backward()  # PEFT adds γ·R to the loss in forward
         their_opt.step()
+        allocator = theirs.base_model.rankallocator
+        if step == 18:  # this call forces the mask without updating the averages, then drops them
+            averages.update({(n, "I"): v.clone() for n, v in allocator.exp_avg_ipt.items()})
+            averages.update({(n, "U"): v.clone() for n, v in allocator.exp_avg_unc.items()})
         theirs.base_model.update_and_allocate(step)
+        if step < 18:
+            averages.update({(n, "I"): v.clone() for n, v in allocator.exp_avg_ipt.items()})
+            averages.update({(n, "U"): v.clone() for n, v in allocator.exp_avg_unc.items()})
         their_opt.zero_grad()
 
     def both(step):
@@ -267,7 +281,7 @@ def test_run_length_comes_from_the_front_end_when_unset():
         lifecycle_steps(model, 1)
     ctl.expect_total_steps(40)  # the schedule, and the saved config, now follow the run's length
     assert (ctl.config.total_step, ctl.config.tinit, ctl.config.tfinal) == (40, 6, 14)
-    assert model.peftlab.config.total_step == 40
+    assert model.peftlab.current.config.total_step == 40
     with pytest.raises(ValueError, match="total_step=40 but training runs 30"):
         ctl.expect_total_steps(30)
 
@@ -303,7 +317,7 @@ def test_default_first_steps_change_the_update_as_lora_needs(method, low, high):
         ctl.expect_total_steps(100)
         optimizer = adapter_optimizer(model, lr=1e-3)
         ctl.bind_optimizer(optimizer)
-        layer = model.peftlab.layers["proj"]
+        layer = model.peftlab.current.layers["proj"]
         before = layer.delta_weight()
         for step in range(3):  # AdaLoRA's and IncreLoRA's A, B move once E is non-zero
             ((model(x) - target) ** 2).mean().backward()

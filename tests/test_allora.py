@@ -10,9 +10,10 @@ from test_lora import Holder
 
 
 def allora(d_in=6, d_out=5, r=3, eta=2.0, seed=0):
-    """The paper's scale 1 (lora_alpha = r), so the gradient algebra below is the paper's."""
+    """The paper's parametrization (preset="paper": scale 1), so the gradient algebra below is the paper's."""
     torch.manual_seed(seed)
-    model = peftlab.wrap(Holder(nn.Linear(d_in, d_out)), "allora", r=r, lora_alpha=r, eta=eta, target_modules=["proj"])
+    model = peftlab.wrap(Holder(nn.Linear(d_in, d_out)), "allora", r=r, preset="paper", eta=eta, target_modules=["proj"])
+    assert model.proj.scale == 1.0
     with torch.no_grad():
         model.proj.lora_B.normal_()
     return model, model.proj
@@ -63,8 +64,9 @@ def test_gradients_are_the_plain_ones_times_the_row_coefficients():
 
 def test_hand_example_coefficients():
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0], [0.0]])
-    torch.testing.assert_close(row_coefficients(a, b, 1.0), torch.tensor([0.5, 1.0]))
-    torch.testing.assert_close(row_coefficients(a, b, 0.25), torch.tensor([1 / 3.25 ** 0.5, 2.0]))
+    torch.testing.assert_close(row_coefficients(a, b, 1.0, 1.0), torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(row_coefficients(a, b, 1.0, 0.25), torch.tensor([1 / 3.25 ** 0.5, 2.0]))
+    torch.testing.assert_close(row_coefficients(a, b, 2.0, 1.0), torch.tensor([1 / 7 ** 0.5, 1.0]))  # rows of 2·BA
 
 
 def test_init_step_moves_B_by_eta_times_the_plain_gradient():
@@ -83,9 +85,9 @@ def test_init_step_moves_B_by_eta_times_the_plain_gradient():
 def test_norm_is_over_rows_of_BA_and_not_squared():
     _, layer = allora()
     a, b = layer.lora_A.detach(), layer.lora_B.detach()
-    rho = lambda a, b: (row_coefficients(a, b, 0.0) ** -2)  # c⁻² = ρ when 1/η² = 0
+    rho = lambda a, b: (row_coefficients(a, b, 1.0, 0.0) ** -2)  # c⁻² = ρ when 1/η² = 0
     torch.testing.assert_close(rho(a, 3 * b), 3 * rho(a, b), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(row_coefficients(2 * a, b / 2, 0.25), row_coefficients(a, b, 0.25))
+    torch.testing.assert_close(row_coefficients(2 * a, b / 2, 1.0, 0.25), row_coefficients(a, b, 1.0, 0.25))
     torch.testing.assert_close(rho(a, b), (b @ a).norm(dim=1), rtol=1e-5, atol=1e-6)  # the fast form
 
 
@@ -105,10 +107,30 @@ def test_gradcheck_with_c_forced_to_one_is_plain_lora():
     x = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
     a = torch.randn(2, 4, dtype=torch.double, requires_grad=True)
     b = torch.zeros(5, 2, dtype=torch.double, requires_grad=True)  # B = 0 and η = 1 with ρ = 0: c ≡ 1
-    assert torch.autograd.gradcheck(lambda x, a: ALLoRABranch.apply(x, a, b.detach(), 1.0), (x, a))
+    assert torch.autograd.gradcheck(lambda x, a: ALLoRABranch.apply(x, a, b.detach(), 1.0, 1.0), (x, a))
     b2 = torch.randn(5, 2, dtype=torch.double, requires_grad=True)
-    assert not torch.autograd.gradcheck(lambda b: ALLoRABranch.apply(x.detach(), a.detach(), b, 1.0), (b2,),
+    assert not torch.autograd.gradcheck(lambda b: ALLoRABranch.apply(x.detach(), a.detach(), b, 1.0, 1.0), (b2,),
                                         raise_exception=False), "c depends on B, but no gradient flows through it"
+
+
+@pytest.mark.parametrize("preset", [None, "paper"])
+def test_backward_equals_the_papers_formula_away_from_zero(preset):
+    """B ≠ 0 (a gradcheck at B = 0 sees zero outputs and would pass a backward wrong by any factor):
+    ∂L/∂B = s·diag(c) Gᵀ (X Aᵀ), ∂L/∂A = s·Bᵀ diag(c) Gᵀ X with c_i = (‖(s·BA)_i‖ + 1/η²)^(-1/2), in
+    float64 from the paper's listing (arXiv:2410.09692, appendix F), at the default scale α/r and at the paper's 1."""
+    torch.manual_seed(3)
+    model = peftlab.wrap(Holder(nn.Linear(6, 5)), "allora", r=4, eta=1.5, preset=preset, target_modules=["proj"])
+    layer = model.proj
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x, weight = torch.randn(7, 6), torch.randn(7, 5)
+    (layer.branch(x) * weight).sum().backward()
+    s, a, b = layer.scale, layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    c = ((s * b @ a).norm(dim=1) + 1 / 1.5 ** 2) ** -0.5
+    g, h = weight.double(), x.double()
+    torch.testing.assert_close(layer.lora_B.grad.double(), s * (c[:, None] * g.t()) @ (h @ a.t()), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_A.grad.double(), s * b.t() @ (c[:, None] * g.t()) @ h, atol=1e-6, rtol=1e-5)
+    assert s == (1.0 if preset else peftlab.get_config("allora").lora_alpha / 4)
 
 
 def test_bf16_autocast_gradients_are_close_to_fp32():
@@ -136,7 +158,7 @@ def test_default_scale_is_loras_and_scales_output_and_every_gradient():
     grads = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
     for t in (x, layer.lora_A, layer.lora_B):
         t.grad = None
-    (ALLoRABranch.apply(x, layer.lora_A, layer.lora_B, layer.inv_eta_sq) * weight).sum().backward()
+    (ALLoRABranch.apply(x, layer.lora_A, layer.lora_B, layer.scale, layer.inv_eta_sq) * weight).sum().backward()
     for scaled, plain in zip(grads, (x.grad, layer.lora_A.grad, layer.lora_B.grad)):
         torch.testing.assert_close(scaled, 4.0 * plain, atol=1e-6, rtol=1e-5)
 
@@ -149,5 +171,5 @@ def test_saves_as_plain_lora_and_reloads_as_allora(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["lora_alpha"] == 7 and config["r"] == 3
     loaded = peftlab.load_adapter(Holder(nn.Linear(6, 5)), tmp_path)
-    assert loaded.peftlab.method.name == "allora" and loaded.proj.inv_eta_sq == pytest.approx(1 / 1.25 ** 2)
+    assert loaded.peftlab.current.method.name == "allora" and loaded.proj.inv_eta_sq == pytest.approx(1 / 1.25 ** 2)
     assert loaded.proj.scale == pytest.approx(7 / 3)

@@ -114,8 +114,12 @@ def test_allocation_equals_brute_force():
     pcas = {"a": Fake([0.5, 0.2, 0.01]), "b": Fake([0.3, 0.25, 0.2])}
     owner = {"a": "a", "b": "b", "c": "b"}  # c shares b's input
     ranks = EVAController._allocate(["a", "b", "c"], owner, pcas, {"a": 3, "b": 3, "c": 3}, budget=5)
-    # candidates: a 0.5, 0.2, 0.01; b 0.3, 0.25, 0.2; c 0.3, 0.25, 0.2 -> top 5 by ratio
-    assert sum(ranks.values()) == 5 and ranks["a"] == 1 and ranks["b"] >= ranks["c"] and ranks["b"] + ranks["c"] == 4
+    # candidates: a 0.5, 0.2, 0.01; b 0.3, 0.25, 0.2; c 0.3, 0.25, 0.2 (c shares b's components) -> the top 5
+    # by ratio are a's 0.5, b's and c's 0.3 and 0.25 (ties go to the earlier layer in a stable sort); the group's
+    # owner b takes the larger rank, its member c a prefix of the same components
+    assert ranks == {"a": 1, "b": 2, "c": 2}
+    ranks = EVAController._allocate(["a", "b", "c"], owner, pcas, {"a": 3, "b": 3, "c": 3}, budget=6)
+    assert ranks == {"a": 2, "b": 2, "c": 2}, "0.2 of a beats 0.2 of b and c: a comes first"
 
 
 def test_identity_after_init_and_scaling():
@@ -126,10 +130,10 @@ def test_identity_after_init_and_scaling():
     expected = base(x)
     model = prepared(base, batches, r=4, lora_alpha=8.0, target_modules=["q", "k", "v", "out"])
     assert torch.equal(model(x), expected)
-    for layer in model.peftlab.layers.values():
+    for layer in model.peftlab.current.layers.values():
         assert layer.scale == pytest.approx(8.0 / 4)  # adjust_scaling_factors: α' = α r'/r, s = α/r
     fixed = prepared(Shared(), batches, r=4, lora_alpha=8.0, adjust_scaling_factors=False, target_modules=["q", "out"])
-    for layer in fixed.peftlab.layers.values():
+    for layer in fixed.peftlab.current.layers.values():
         assert layer.scale == pytest.approx(8.0 / layer.rank)
 
 
@@ -138,7 +142,7 @@ def test_layers_sharing_an_input_share_one_pca(whiten):
     data, _, _ = synthetic(batches=8)
     model = prepared(Shared(), [{"x": x[None]} for x in data], r=4, rho=2.0, whiten=whiten,
                      target_modules=["q", "k", "v", "flat"])
-    layers = model.peftlab.layers
+    layers = model.peftlab.current.layers
     ranks = {n: layers[n].rank for n in layers}
     owner = max(("q", "k", "v"), key=lambda n: ranks[n])
     assert ranks["q"] == ranks[owner]
@@ -148,15 +152,15 @@ def test_layers_sharing_an_input_share_one_pca(whiten):
         torch.testing.assert_close(unit(layers[member].lora_A[:r]), unit(layers["q"].lora_A[:r]))
     if whiten:  # row i divided by √σ_i, with σ_i ∝ the spectrum's 2^(-i/2): 2^(i/4) relative to row 0
         plain = prepared(Shared(), [{"x": x[None]} for x in data], r=4, rho=2.0, target_modules=["q", "k", "v", "flat"])
-        ratio = layers["q"].lora_A[:4].norm(dim=1) / plain.peftlab.layers["q"].lora_A[:4].norm(dim=1)
+        ratio = layers["q"].lora_A[:4].norm(dim=1) / plain.peftlab.current.layers["q"].lora_A[:4].norm(dim=1)
         torch.testing.assert_close(ratio / ratio[0], 2 ** (torch.arange(4) / 4), rtol=0.05, atol=0)
 
 
 def test_a_layer_with_constant_input_gets_rank_zero_and_no_adapter():
     data, _, _ = synthetic(batches=8)
     model = prepared(Shared(), [{"x": x[None]} for x in data], r=4, target_modules=["q", "flat"])
-    assert "flat" not in model.peftlab.layers and type(model.flat) is nn.Linear
-    assert model.peftlab.layers["q"].rank == 8
+    assert "flat" not in model.peftlab.current.layers and type(model.flat) is nn.Linear
+    assert model.peftlab.current.layers["q"].rank == 8
 
 
 def test_padding_and_prompt_tokens_are_left_out():
@@ -168,15 +172,15 @@ def test_padding_and_prompt_tokens_are_left_out():
                "labels": torch.cat([ids, torch.full((4, 5), -100)], 1)}]
     one = prepared(tiny_llama(), clean * 6, r=4, target_modules=["q_proj"])
     two = prepared(tiny_llama(), padded * 6, r=4, target_modules=["q_proj"])
-    for name in one.peftlab.layers:
-        torch.testing.assert_close(one.peftlab.layers[name].lora_A, two.peftlab.layers[name].lora_A, atol=1e-4, rtol=0)
+    for name in one.peftlab.current.layers:
+        torch.testing.assert_close(one.peftlab.current.layers[name].lora_A, two.peftlab.current.layers[name].lora_A, atol=1e-4, rtol=0)
     prompt = [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
                "labels": torch.cat([torch.full((4, 6), -100), ids[:, 6:]], 1)}]
     masked = prepared(tiny_llama(), prompt * 6, r=4, target_modules=["q_proj"])
     unmasked = prepared(tiny_llama(), prompt * 6, r=4, use_label_mask=False, target_modules=["q_proj"])
-    name = next(iter(masked.peftlab.layers))
-    assert not torch.allclose(masked.peftlab.layers[name].lora_A, unmasked.peftlab.layers[name].lora_A, atol=1e-3)
-    torch.testing.assert_close(unmasked.peftlab.layers[name].lora_A, one.peftlab.layers[name].lora_A)
+    name = next(iter(masked.peftlab.current.layers))
+    assert not torch.allclose(masked.peftlab.current.layers[name].lora_A, unmasked.peftlab.current.layers[name].lora_A, atol=1e-3)
+    torch.testing.assert_close(unmasked.peftlab.current.layers[name].lora_A, one.peftlab.current.layers[name].lora_A)
 
 
 def test_deterministic_and_leaves_the_global_generator_alone():
@@ -201,7 +205,7 @@ def test_pooler_input_is_2d_and_saved_adapter_loads_in_peft(tmp_path):
     batches = [dict(tok(texts[i:i + 16], padding=True, return_tensors="pt")) for i in range(0, 64, 16)]
     model = prepared(minilm_classifier(), batches, r=4)
     pooler = model.bert.pooler.dense  # its input is 2-D (batch, hidden): no token axis to mask
-    if "bert.pooler.dense" in model.peftlab.layers:  # it may legitimately get rank 0 and be unwrapped
+    if "bert.pooler.dense" in model.peftlab.current.layers:  # it may legitimately get rank 0 and be unwrapped
         a = pooler.lora_A[:pooler.rank].detach()
         a = a / a.norm(dim=1, keepdim=True)
         assert pooler.rank > 0
@@ -209,7 +213,7 @@ def test_pooler_input_is_2d_and_saved_adapter_loads_in_peft(tmp_path):
     else:
         assert type(pooler) is torch.nn.Linear
     with torch.no_grad():
-        for layer in model.peftlab.layers.values():
+        for layer in model.peftlab.current.layers.values():
             layer.lora_B.normal_(std=0.05)
     model.eval()
     batch = batches[0]
@@ -246,7 +250,7 @@ def test_trainer_runs_prepare_once_without_an_optimizer_step(tmp_path):
     peftlab.controller(again).prepare = lambda *a: calls.append(1)
     peftlab.Trainer(again, dataclasses.replace(cfg, overwrite_output_dir=True), lm_dataset()).train()
     assert calls == [], "a second run with the same config and data reuses the cached prepare"
-    assert again.peftlab.controller.prepared
+    assert again.peftlab.current.controller.prepared
 
 
 def test_ranks_and_directions_equal_peft_get_eva_state_dict():
@@ -270,6 +274,6 @@ def test_ranks_and_directions_equal_peft_get_eva_state_dict():
     assert {n: r for n, r in ranks.items() if r} == {n: len(v) for n, v in theirs.items() if len(v)}
     assert len(set(ranks.values())) > 1, "the budget was really redistributed"
     for name, directions in theirs.items():
-        ours = model.peftlab.layers[name].lora_A[:len(directions)].detach()
+        ours = model.peftlab.current.layers[name].lora_A[:len(directions)].detach()
         cosine = torch.nn.functional.cosine_similarity(ours, directions.float(), dim=1).abs()
         assert cosine.min() >= 0.99, (name, cosine)

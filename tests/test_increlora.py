@@ -35,7 +35,7 @@ def test_step0_reserves_and_identity(advance):
     model(x, labels=x).loss.backward()
     adapter_optimizer(model)
     peftlab.controller(model).before_optimizer_step(0)
-    for layer in model.peftlab.layers.values():
+    for layer in model.peftlab.current.layers.values():
         assert int(layer.reserve.sum()) == 1 and layer.rank == 1
         assert layer.singular_values()[layer.reserve].item() == pytest.approx(1e-5 if advance else 0.0, abs=1e-12)
     out = model(x).logits
@@ -54,7 +54,7 @@ def test_growth_timing_amount_and_budget():
     assert history[0] == 6 and grown[0] == 6 and all(t % 3 == 0 and t > 4 for t in grown)
     assert [history[t] - history[t - 1] for t in grown] == [2] * 6
     assert history[-1] == 18 == ctl.target_total and max(history) == 18
-    assert ctl.completed and not any(l.reserve.any() or l.scoring for l in model.peftlab.layers.values())
+    assert ctl.completed and not any(l.reserve.any() or l.scoring for l in model.peftlab.current.layers.values())
     assert ctl.report()["budget"] == 18
 
 
@@ -70,7 +70,8 @@ def test_the_ceiling_is_exact_and_reported():
     ranks = peftlab.controller(model).report()["ranks"]
     assert max(ranks.values()) == 4 and sum(ranks.values()) == history[-1] == 18
     assert sorted(peftlab.controller(model).report()["at_ceiling"]) == sorted(n for n, r in ranks.items() if r == 4)
-    assert peftlab.get_config("increlora", init_r=2, target_r=8, rank_step=4).max_rank == 2 + 24  # never binds
+    # unset, the ceiling is what a module reaches growing in every round (12 modules, 3 per round): never binds
+    assert peftlab.get_config("increlora", init_r=2, target_r=8, rank_step=4).for_modules(12).max_rank == 2 + 24
 
 
 def test_growth_keys_on_the_first_applied_step_not_on_step_zero():
@@ -84,7 +85,7 @@ def test_selection_is_the_top_h_by_smoothed_score():
     model = increlora(orth_reg_weight=0.0)
     ctl = peftlab.controller(model)
     run(model, 1)
-    names = list(model.peftlab.layers)
+    names = list(model.peftlab.current.layers)
     for i, name in enumerate(names):
         ctl.ema[name] = torch.tensor([float(i + 1), 1.0])  # S = Ī·Ū grows with the index
     ctl._grow(step=6)
@@ -100,7 +101,7 @@ def test_growth_scales_the_old_components_output_by_r_over_r_plus_m_only_in_the_
     model = increlora(orth_reg_weight=0.0, advance_learn=advance, rank_step=2, scale_by_live_rank=live_rank)
     ctl = peftlab.controller(model)
     run(model, 3)  # the rank-1 components have trained; the reserves exist (at E = 0)
-    layers = model.peftlab.layers
+    layers = model.peftlab.current.layers
     x = torch.randn(3, 32)
     torch.set_grad_enabled(False)
     before = {name: layer.branch(x) for name, layer in layers.items()}
@@ -130,7 +131,7 @@ def test_a_new_component_trains_like_a_fresh_adamw_parameter_group():
     optimizer = adapter_optimizer(model, lr=lr, weight_decay=wd)
     run(model, 7, opt=optimizer)  # growth at t = 6
     name = next(n for n, born in ctl.e_born.items() if (born == 6).any())
-    layer, row = model.peftlab.layers[name], int(torch.nonzero(ctl.e_born[name] == 6)[0])
+    layer, row = model.peftlab.current.layers[name], int(torch.nonzero(ctl.e_born[name] == 6)[0])
     views = {"lora_A": lambda t: t[row], "lora_E": lambda t: t[row], "lora_B": lambda t: t[:, row]}
     fresh = {k: view(getattr(layer, k)).detach().clone().requires_grad_() for k, view in views.items()}
     fresh_opt = torch.optim.AdamW(list(fresh.values()), lr=lr, weight_decay=wd)
@@ -154,7 +155,7 @@ def test_a_new_component_trains_like_a_fresh_adamw_parameter_group():
 
 def test_score_formula_matches_the_analytic_gradient():
     model = increlora(orth_reg_weight=0.0)
-    layer = model.peftlab.layers["model.layers.0.self_attn.q_proj"]
+    layer = model.peftlab.current.layers["model.layers.0.self_attn.q_proj"]
     with torch.no_grad():
         layer.lora_E[0] = 0.7
     x = torch.randn(5, 32)
@@ -171,7 +172,7 @@ def test_regularizer_covers_reserves_and_matches_an_independent_formula():
     model = increlora(orth_reg_weight=0.5)
     ctl = peftlab.controller(model)
     run(model, 1)  # step 0 draws the reserves
-    layers = [l for l in model.peftlab.layers.values()]
+    layers = [l for l in model.peftlab.current.layers.values()]
     penalty = ctl.penalty(1)
     norms = []
     for l in layers:  # over active and reserve rows: rank 1 + 1 reserve = 2 rows each
@@ -251,11 +252,11 @@ def test_new_components_train_like_fresh_adamw_groups_under_every_front_end(fron
 
     def record_before(step):
         before(step)
-        grads[step] = {n: l.lora_E.grad.clone() for n, l in model.peftlab.layers.items()}
+        grads[step] = {n: l.lora_E.grad.clone() for n, l in model.peftlab.current.layers.items()}
 
     def record_after(step):
         after(step)
-        weights[step] = {n: l.lora_E.detach().clone() for n, l in model.peftlab.layers.items()}
+        weights[step] = {n: l.lora_E.detach().clone() for n, l in model.peftlab.current.layers.items()}
 
     ctl.before_optimizer_step, ctl.after_optimizer_step = record_before, record_after
     if front_end == "trainer":
@@ -291,3 +292,11 @@ def test_regularizer_weight_follows_the_start():
     assert peftlab.get_config("increlora", orth_reg_weight=0.3).orth_reg_weight == 0.3
     model = increlora()
     assert peftlab.controller(model).penalty(0) == 0.0
+
+
+def test_the_default_ceiling_is_what_a_module_reaches_growing_in_every_round():
+    """The released MNLI settings (72 modules, rank 1 -> 2 on average, one component per round, top_h = 2)
+    let a module reach 1 + 36 = 37; a ceiling that assumed a quarter of the modules per round was 5."""
+    config = peftlab.get_config("increlora", init_r=1, target_r=2, rank_step=1, top_h=2).for_modules(72)
+    assert config.max_rank == 37
+    assert peftlab.get_config("increlora", init_r=1, target_r=2, rank_step=1).for_modules(72).max_rank == 5

@@ -43,7 +43,7 @@ def test_parameter_count_of_llama_3b_q_v():
 
 def test_bases_are_shared_seeded_and_unit_std():
     model = peftlab.wrap(tiny_llama(), "randlora", r=8)
-    layers = list(model.peftlab.layers.values())
+    layers = list(model.peftlab.current.layers.values())
     assert len({l.bases.A.data_ptr() for l in layers}) == 1 and len({l.bases.B.data_ptr() for l in layers}) == 1
     assert len({l.randlora_lambda.data_ptr() for l in layers}) == len(layers)
     bases = layers[0].bases

@@ -122,12 +122,15 @@ class AdaLoRAController(ScheduledController):
 class AdaLoRAConfig(SVDConfig):
     """AdaLoRA, Zhang et al. 2023 (arXiv:2303.10512): importance-pruned SVD-form update."""
 
+    presets = {"paper": {"init_like_lora": False}}  # E = 0, A and B ~ N(0, 0.02²) (§3.1)
+    peftlab_only = ("init_like_lora",)
+
     init_r: int = opt(12, "initial rank r0 of every module (the paper suggests 1.5 x target_r); the update is "
                           "scaled by lora_alpha / init_r", check=at_least(1))
     tinit: int | None = opt(None, "steps before pruning starts; default 15% of total_step", check=at_least(0))
     tfinal: int | None = opt(None, "final steps with the pattern frozen; default 35% of total_step "
-                                   "(so the budget shrinks over half of training, as the authors advise)",
-                             check=at_least(1))
+                                   "(so the budget shrinks over half of training, as the authors advise); 0 = none, "
+                                   "as PEFT's default", check=at_least(0))
     deltaT: int = opt(1, "mask every deltaT steps while the budget shrinks", check=at_least(1))
     orth_reg_weight: float = opt(0.1, "γ of the orthogonality regularizer (paper/official 0.1; PEFT's 0.5)",
                                  check=at_least(0))

@@ -1,11 +1,12 @@
 """ALLoRA (Huang & Balestriero 2024, arXiv:2410.09692): LoRA without dropout, whose factor
 gradients are scaled per output row by an adaptive coefficient
 
-    c_i = 1 / sqrt(‖(BA)_i‖₂ + 1/η²)         (row norm of the product, not squared: the paper's listing)
+    c_i = 1 / sqrt(‖(s·BA)_i‖₂ + 1/η²)       (row norm of the update, not squared: the paper's listing)
 
 so that rows still at zero escape fast (c = η) and grown rows move carefully. Only ∂L/∂A and
 ∂L/∂B see c; the gradient passed to the layer below is the plain one. The update keeps LoRA's
-α/r output scale (see ALLoRAConfig.lora_alpha). Saved and merged as a plain LoRA.
+α/r output scale s (see ALLoRAConfig.lora_alpha; preset="paper" drops it), and c is computed from
+the rows of s·BA, the update the forward adds. Saved and merged as a plain LoRA.
 """
 from __future__ import annotations
 
@@ -22,19 +23,19 @@ from .layer import AdapterLayer, LowRankLayer, check_rank
 from .registry import register
 
 
-def row_coefficients(a: Tensor, b: Tensor, inv_eta_sq: float) -> Tensor:
-    """c_i for every output row, from ρ_i² = b_iᵀ (A Aᵀ) b_i: O(r²(d_in + d_out)), not a dense BA."""
+def row_coefficients(a: Tensor, b: Tensor, scale: float, inv_eta_sq: float) -> Tensor:
+    """c_i for every output row of s·BA, from ρ_i² = b_iᵀ (A Aᵀ) b_i: O(r²(d_in + d_out)), not a dense BA."""
     a, b = a.detach().float(), b.detach().float()
     rho_sq = ((b @ (a @ a.t())) * b).sum(1).clamp_min(0)   # (d_out,)
-    return (rho_sq.sqrt() + inv_eta_sq).rsqrt()
+    return (scale * rho_sq.sqrt() + inv_eta_sq).rsqrt()
 
 
 class ALLoRABranch(torch.autograd.Function):
     """y = (x Aᵀ) Bᵀ; backward scales the output-gradient columns by c for the A and B gradients only."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, inv_eta_sq: float) -> Tensor:
-        c = row_coefficients(a, b, inv_eta_sq).to(x.dtype)  # a constant: no gradient flows through c
+    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, scale: float, inv_eta_sq: float) -> Tensor:
+        c = row_coefficients(a, b, scale, inv_eta_sq).to(x.dtype)  # a constant: no gradient flows through c
         ctx.save_for_backward(x, a, b, c)
         return (x @ a.t()) @ b.t()
 
@@ -46,7 +47,7 @@ class ALLoRABranch(torch.autograd.Function):
         h = x.reshape(-1, a.shape[1])                                         # (T, d_in)
         grad_b = g.t() @ (h @ a.t())                                          # (d_out, r) = diag(c) Gᵀ X Aᵀ
         grad_a = (g @ b).t() @ h                                              # (r, d_in)  = Bᵀ diag(c) Gᵀ X
-        return grad_x, grad_a, grad_b, None
+        return grad_x, grad_a, grad_b, None, None
 
 
 class ALLoRALinear(LowRankLayer):
@@ -56,11 +57,12 @@ class ALLoRALinear(LowRankLayer):
         self.inv_eta_sq = 1.0 / config.eta ** 2
 
     def low_rank_product(self) -> kernels.LowRankProduct | None:
-        c = row_coefficients(self.lora_A, self.lora_B, self.inv_eta_sq)
+        c = row_coefficients(self.lora_A, self.lora_B, self.scale, self.inv_eta_sq)
         return kernels.LowRankProduct(self.lora_A, self.lora_B, self.scale, row_scale=c)
 
     def branch(self, x: Tensor) -> Tensor:
-        return self.scale * ALLoRABranch.apply(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.inv_eta_sq)
+        return self.scale * ALLoRABranch.apply(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scale,
+                                               self.inv_eta_sq)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, eta={self.inv_eta_sq ** -0.5:g}"
@@ -70,6 +72,9 @@ class ALLoRALinear(LowRankLayer):
 @dataclass(frozen=True, kw_only=True)
 class ALLoRAConfig(LowRankConfig):
     """ALLoRA, Huang & Balestriero 2024 (arXiv:2410.09692): adaptive per-row gradient scaling."""
+
+    presets = {"paper": {"lora_alpha": lambda config: float(config.r)}}  # scale 1 (§4)
+    peftlab_only = ("eta",)
 
     # the paper drops α/r (arXiv:2410.09692 §4); under Adam the coefficients c cancel to first order,
     # so without it the update moves at r/α of LoRA's speed: kept, with LoRA's default, as a drop-in
@@ -81,9 +86,6 @@ class ALLoRAConfig(LowRankConfig):
         # a plain PEFT LoRA without dropout
         return {"r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": 0.0, "use_rslora": False, "bias": "none",
                 "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
-
-    def peftlab_fields(self) -> dict[str, Any]:
-        return {"eta": self.eta}
 
     @classmethod
     def peft_keys(cls) -> set[str]:

@@ -58,6 +58,14 @@ class Controller:
     def after_optimizer_step(self, step: int) -> None:
         """Weights are updated and gradients not yet zeroed."""
 
+    def shared_state(self) -> dict[str, Tensor]:
+        """Tensors the adapter file holds besides the layers' (under their own keys), e.g. bases."""
+        return {}
+
+    def load_shared_state(self, tensors: dict[str, Tensor]) -> set[str]:
+        """Take what is yours of a file's tensors that belong to no layer; returns the keys taken."""
+        return set()
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import quant
 from ..progress import progress
-from ..settings import Check, at_least, opt, within
+from ..settings import at_least, opt, within
 from .controller import Controller
 from .layer import AdapterLayer, check_rank, pattern_value
 from .lora import LoRAConfig, LoRALinear
@@ -264,10 +264,8 @@ class EVAController(Controller):
             directions = pca.directions[:rank].clone()  # a clone: members must not whiten the owner twice
             if cfg.whiten:
                 directions /= pca.sigma[:rank].sqrt()[:, None]
-            # the paper's A rows are unit-norm (arXiv:2410.07170); along the inputs' leading directions even
-            # rows of LoRA's norm 1/√3 answered ~4x more than LoRA's (MiniLM), B's steps moved the output ~4x
-            # further and diverged at LoRA's higher rates: A answers its inputs as a LoRA A does
-            directions *= pca.lora_response_scale(directions)
+            if cfg.scale_rows:  # (EVAConfig.scale_rows: why the paper's unit rows are not the default)
+                directions *= pca.lora_response_scale(directions)
             alpha = layer.alpha_nominal * rank / layer.r_nominal if cfg.adjust_scaling_factors else layer.alpha_nominal
             if trim:
                 layer.resize(rank)
@@ -309,6 +307,9 @@ class EVAController(Controller):
 class EVAConfig(LoRAConfig):
     """EVA, Paischer et al. 2024 (arXiv:2410.07170): LoRA initialized from activation PCA."""
 
+    presets = {"paper": {"scale_rows": False}}
+    peftlab_only = ("rho", "tau", "use_label_mask", "whiten", "adjust_scaling_factors", "scale_rows", "max_batches")
+
     rho: float = opt(2.0, "a layer may take up to round(rho x r) components of the global budget (1 = no redistribution)",
                      check=at_least(1))
     tau: float = opt(0.99, "a direction has converged when its cosine with the previous estimate is >= tau",
@@ -318,6 +319,11 @@ class EVAConfig(LoRAConfig):
     adjust_scaling_factors: bool = opt(True, "alpha follows the assigned rank, so the scale stays alpha / r (PEFT's default)")
     max_batches: int = opt(100, "upper bound on the batches the PCA may see before it stops with a warning",
                            check=at_least(2))
+    # the paper's A rows are unit-norm principal directions (arXiv:2410.07170 §3); along the inputs' leading
+    # directions even rows of LoRA's norm 1/√3 answered ~4x more than LoRA's (MiniLM), B's steps moved the
+    # output ~4x further and diverged at LoRA's higher rates: by default A answers its inputs as a LoRA A does
+    scale_rows: bool = opt(True, "A's rows answer the inputs as strongly as a LoRA A's (E‖Ax‖² matched on the prepare "
+                                 "batches); False = the paper's unit-norm principal directions")
 
     def rank_for(self, name: str) -> int:
         # before prepare every layer holds its cap round(rho x r); a saved adapter has its ranks
@@ -329,10 +335,6 @@ class EVAConfig(LoRAConfig):
         fields["rank_pattern"] = {n: layer.rank for n, layer in layers.items() if layer.is_active()}
         fields["alpha_pattern"] = {n: layer.alpha for n, layer in layers.items() if layer.is_active()}
         return fields
-
-    def peftlab_fields(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("rho", "tau", "use_label_mask", "whiten", "adjust_scaling_factors",
-                                              "max_batches")}
 
     @classmethod
     def peft_keys(cls) -> set[str]:

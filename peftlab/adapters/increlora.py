@@ -7,20 +7,18 @@ components that start as LoRA's and a scale that does not jump at growth (design
 
   * module score: Σ|ΔW ⊙ ∂L/∂ΔW| / √(d_out·d_in), smoothed like AdaLoRA's (Ī·Ū), paper eq. 6-8;
   * every `incre_interval` steps after `init_warmup`, the top-h modules activate their `rank_step`
-    reserve components and draw fresh reserves; each joins at E = the start value with its b
-    shrunk by as much, so ΔW is continuous (`scale_by_live_rank` divides by the live rank instead,
-    as the released code does, which drops the module's update by r/(r+m) at each growth);
+    reserve components and draw fresh reserves; each joins at E = the start value with its b shrunk
+    by as much, so ΔW is continuous (`scale_by_live_rank`: the released code's α / live rank);
   * "advance learning": reserves train A and B at a tiny E = 1e-5 before they are activated;
-  * a component that joins training trains as a fresh AdamW parameter would (its own moments,
-    step count and bias correction) under its own learning-rate schedule, warm-up then linear
-    decay to the end of the run, as the released code's per-group `Multi_LambdaLR` gives it;
+  * a component that joins training trains as a fresh AdamW parameter would (its own moments, step
+    count, bias correction) under its own warm-up-then-linear-decay schedule (the released `Multi_LambdaLR`);
   * rows never change shape, so the optimizer, DDP and checkpoints see fixed tensors.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -97,7 +95,7 @@ class IncreLoRAController(ScheduledController):
     def __init__(self, model: nn.Module, config: "IncreLoRAConfig", layers: dict[str, IncreLoRALinear]):
         n = len(layers)
         self.target_total = config.target_r * n
-        self.top_h = config.top_h or max(1, math.ceil(n / 4))
+        self.top_h = config.top_h
         self.rounds = math.ceil(max(0, self.target_total - config.init_r * n) / (self.top_h * config.rank_step))
         super().__init__(model, config, layers)
         self.ema = {name: torch.zeros(2) for name in layers}                # (Ī, Ū) per module
@@ -105,7 +103,8 @@ class IncreLoRAController(ScheduledController):
         self.e_born = {name: torch.full((rows[name],), -1) for name in layers}  # step each E row joined training
         self.ab_born = {name: torch.full((rows[name],), -1) for name in layers}  # same for the A, B rows
         self.started = False  # the first applied step draws the first reserves (a skipped step does not)
-        self.completed = sum(layer.rank for layer in layers.values()) >= self.target_total
+        # counted from the config, not the layers' masks: memory estimation builds this on fake tensors
+        self.completed = sum(config.rank_pattern.get(name, config.init_r) for name in layers) >= self.target_total
         self.snapshot: dict[tuple[str, str], tuple[Tensor, Tensor, list[Tensor]]] = {}
         self._set_scoring(not self.completed)
 
@@ -334,6 +333,9 @@ class IncreLoRAController(ScheduledController):
 class IncreLoRAConfig(SVDConfig):
     """IncreLoRA, Zhang et al. 2023 (arXiv:2308.12043): importance-driven rank growth."""
 
+    # r_init = 1, E = 0 with A, B ~ N(0, 0.02²), the update divided by the live rank, γ = 0.1
+    presets = {"paper": {"init_r": 1, "init_like_lora": False, "scale_by_live_rank": True, "orth_reg_weight": 0.1}}
+
     # the paper's runs start at 1-2; in short runs a rank-2 start stays below LoRA's accuracy at the same budget
     init_r: int | None = opt(None, "rank every module starts with; None = target_r // 2", check=at_least(1))
     rank_step: int | None = opt(None, "components a module gains per growth (incre_rank_num); default target_r // 2",
@@ -342,11 +344,12 @@ class IncreLoRAConfig(SVDConfig):
     init_warmup: int | None = opt(None, "steps before the first growth; default 10% of total_step", check=at_least(0))
     incre_interval: int | None = opt(None, "steps between growth rounds; default: growth ends near 60% of training",
                                      check=at_least(1))
-    max_rank: int | None = opt(None, "rank ceiling of a module (pre-allocated); default: the most a module can "
-                                     "reach with a quarter of the modules growing per round, so it never binds",
+    max_rank: int | None = opt(None, "rank ceiling of a module (pre-allocated, at most its full rank); default: the "
+                                     "most a module can reach if it grows in every round, so it never binds",
                                check=at_least(1))
-    component_warmup: int | None = opt(None, "learning-rate warm-up steps of a new component; default incre_interval",
-                                       check=at_least(0))
+    # the released code restarts the run's warm-up for each new component; the controller does not see the run's schedule
+    component_warmup: int | None = opt(None, "learning-rate warm-up steps of a new component; default incre_interval "
+                                             "(the released code: the run's warm-up steps)", check=at_least(0))
     advance_learn: bool = opt(True, "train reserve components (at E = 1e-5) before they are activated")
     # IncreLoRA scores whole modules and never prunes one component, so nothing needs E to hold singular
     # values; under the LoRA-like start the released code's γ = 0.1 pulls A's rows from LoRA's norm 1/√3 to
@@ -367,18 +370,28 @@ class IncreLoRAConfig(SVDConfig):
             object.__setattr__(self, "init_r", max(1, self.target_r // 2))
         if self.orth_reg_weight is None:
             object.__setattr__(self, "orth_reg_weight", 0.0 if self.init_like_lora else 0.1)
-        rank_step = self.rank_step or max(1, self.target_r // 2)
-        object.__setattr__(self, "rank_step", rank_step)
-        # top_h >= n/4 means at most ceil(4(target - init) / rank_step) rounds per module
-        never_binds = self.init_r + rank_step * math.ceil(4 * (self.target_r - self.init_r) / rank_step)
-        object.__setattr__(self, "max_rank", self.max_rank or never_binds)
-        if not self.init_r <= self.target_r <= self.max_rank:
+        object.__setattr__(self, "rank_step", self.rank_step or max(1, self.target_r // 2))
+        if not self.init_r <= self.target_r <= (self.max_rank or self.target_r):
             raise ValueError(f"increlora needs 1 <= init_r={self.init_r} <= target_r={self.target_r} "
                              f"<= max_rank={self.max_rank}")
+
+    def for_modules(self, count: int) -> "IncreLoRAConfig":
+        """With `count` modules known: top_h (a quarter of them) and the ceiling a module reaches growing
+        in every round (the released code caps nothing): init_r + rank_step x the rounds of the budget."""
+        top_h = self.top_h or max(1, math.ceil(count / 4))
+        rounds = math.ceil(count * (self.target_r - self.init_r) / (top_h * self.rank_step))
+        return replace(self, top_h=top_h, max_rank=self.max_rank or self.init_r + self.rank_step * rounds)
 
     @classmethod
     def sized(cls, size: int) -> dict[str, Any]:
         return {"target_r": size, "init_r": max(1, size // 2)}
+
+    @classmethod
+    def from_peft_fields(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        kwargs = super().from_peft_fields(saved)
+        # files written before the fixed α/target_r scale (no scale_by_live_rank key) were trained at α/live rank
+        kwargs.setdefault("scale_by_live_rank", True)
+        return kwargs
 
     def peft_fields(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
         fields = super().peft_fields(layers)

@@ -87,11 +87,12 @@ class RandLoRALinear(FoldedLayer):
         # 384-wide layer, so ΔW ∝ λγ accelerates with the learning rate (diverged at 3e-3 on the reviews). As the
         # official vision code does, γ starts at 0 (it moves like LoRA's B) and λ at a constant (like LoRA's A),
         # PEFT's 1/d, stored divided by k = √(3/d) so that it moves by as much of itself per step as LoRA's
-        # kaiming rows do (an Adam learning-rate multiplier k on λ)
-        self.lambda_scale = math.sqrt(3 / self.d)
-        self.randlora_lambda = nn.Parameter(torch.full((self.r, self.n), 1 / max(self.n, self.d) / self.lambda_scale,
-                                                       device=device))                                   # (r, n)
-        self.randlora_gamma = nn.Parameter(torch.zeros(self.n, self.d, device=device))                  # (n, d)
+        # kaiming rows do (an Adam learning-rate multiplier k on λ). init_like_lora=False is PEFT's start, no k
+        start = 1 / max(self.n, self.d)
+        self.lambda_scale = math.sqrt(3 / self.d) if config.init_like_lora else 1.0
+        lam, gam = (start / self.lambda_scale, 0.0) if config.init_like_lora else (0.0, start)
+        self.randlora_lambda = nn.Parameter(torch.full((self.r, self.n), lam, device=device))             # (r, n)
+        self.randlora_gamma = nn.Parameter(torch.full((self.n, self.d), gam, device=device))              # (n, d)
         self.scale = config.randlora_alpha / config.r
         self.dropout = nn.Dropout(config.randlora_dropout) if config.randlora_dropout else None
         self.bases: RandomBases | None = None  # attached by the controller once every layer's size is known
@@ -164,7 +165,7 @@ class RandLoRAController(Controller):
         first = next(iter(layers.values()))
         self.bases = RandomBases(config.r, max(l.d for l in layers.values()), max(l.D for l in layers.values()),
                                  config.projection_prng_key).to(first.randlora_lambda.device)
-        if config.bases_checksum and config.bases_checksum != self.bases.checksum():
+        if config.bases_checksum and not config.bases_saved and config.bases_checksum != self.bases.checksum():
             raise ValueError(
                 f"the regenerated random bases do not match the saved checksum ({self.bases.checksum()} vs "
                 f"{config.bases_checksum}); this torch version draws different numbers from the seed. Load the "
@@ -172,11 +173,36 @@ class RandLoRAController(Controller):
         for layer in layers.values():
             layer.bases = self.bases
 
+    def shared_state(self) -> dict[str, Tensor]:
+        # bases that came from a file (PEFT's RANDLORA) cannot be regenerated from the seed: they travel along
+        return {"base_model.randlora_A": self.bases.A, "base_model.randlora_B": self.bases.B} if self.config.bases_saved else {}
 
-@register("randlora", layer=RandLoRALinear, controller=RandLoRAController, peft_type="PEFTLAB_RANDLORA")
+    @torch.no_grad()
+    def load_shared_state(self, tensors: dict[str, Tensor]) -> set[str]:
+        """Take a file's bases (PEFT's model-level `base_model.randlora_A/B`; its per-layer aliases are
+        the same tensors and are left unread). PEFT pads them to the largest layer's (out, in); each
+        layer reads the same leading block as from our own."""
+        if "base_model.randlora_A" not in tensors:
+            return set()
+        a, b = tensors["base_model.randlora_A"], tensors["base_model.randlora_B"]
+        d, big, n = (max(getattr(l, k) for l in self.layers.values()) for k in ("d", "D", "n"))
+        if a.shape[0] != self.config.r or a.shape[2] < d or b.shape[0] < big or b.shape[1] < n or b.shape[2] != a.shape[0]:
+            raise ValueError(f"the file's RandLoRA bases {tuple(a.shape)} / {tuple(b.shape)} do not cover this model's "
+                             f"layers (r={self.config.r}, up to {d} x {big}, {n} bases)")
+        device = self.bases.A.device
+        self.bases.A, self.bases.B = a.to(device), b.to(device)
+        return {k for k in tensors if k in ("base_model.randlora_A", "base_model.randlora_B")
+                or k.endswith((".randlora_A", ".randlora_B"))}
+
+
+@register("randlora", layer=RandLoRALinear, controller=RandLoRAController, peft_type="PEFTLAB_RANDLORA",
+          reads=("RANDLORA",))
 @dataclass(frozen=True, kw_only=True)
 class RandLoRAConfig(LowRankConfig):
     """RandLoRA, Albert et al. 2025 (arXiv:2502.00987): full-rank update from shared random bases."""
+
+    # PEFT's start (λ = 0, γ = 1/d, no λ multiplier) and its α = 20·r, which the author recommends
+    presets = {"paper": {"init_like_lora": False, "randlora_alpha": lambda config: 20.0 * config.r}}
 
     r: int = opt(32, "rank of each random basis; smaller r means more bases and more parameters", check=above(0))
     # PEFT's default 640 (scale 20 at r = 32) moves ΔW ~6x faster per AdamW step than LoRA and diverges
@@ -191,7 +217,11 @@ class RandLoRAConfig(LowRankConfig):
     randlora_dropout: float = opt(0.0, "dropout on the branch input (0 keeps the fused single-product path)",
                                   check=within(0, 1))
     projection_prng_key: int = opt(0, "seed of the random bases")
+    init_like_lora: bool = opt(True, "γ = 0 and λ = 1/d moving like LoRA's A (a learning-rate multiplier √(3/d) on λ); "
+                                     "False = PEFT's and the paper's λ = 0, γ = 1/d")
     bases_checksum: str = opt("", "checksum of the bases (written on save, checked on load)")
+    bases_saved: bool = opt(False, "the bases travel in the adapter file (an import of PEFT's RANDLORA) instead of "
+                                   "being regenerated from projection_prng_key")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -202,6 +232,18 @@ class RandLoRAConfig(LowRankConfig):
         fields = super().peft_fields(layers)
         fields["bases_checksum"] = next(iter(layers.values())).bases.checksum()
         return fields
+
+    @classmethod
+    def from_peft_fields(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        if saved.get("peft_type") != "RANDLORA":
+            return super().from_peft_fields(saved)
+        if not saved.get("save_projection", True):  # PEFT regenerates those with its own generator
+            raise ValueError("a PEFT RandLoRA adapter saved with save_projection=False holds no bases, and peftlab "
+                             "cannot regenerate PEFT's; save it from PEFT with save_projection=True")
+        # PEFT's λ and γ as they are: its start, no λ multiplier; the bases come with the file
+        return {"r": saved["r"], "randlora_alpha": saved["randlora_alpha"], "init_like_lora": False, "bases_saved": True,
+                "randlora_dropout": saved.get("randlora_dropout", 0.0),
+                "projection_prng_key": saved.get("projection_prng_key", 0)}
 
     def final_parameter_count(self, shapes: list[tuple[int, int]]) -> int:
         count = 0

@@ -19,6 +19,7 @@ class Method:
     controller: type[Controller]
     peft_type: str  # the `peft_type` written to adapter_config.json
     aliases: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()  # other peft_types it imports (PEFT's RANDLORA)
 
 
 _METHODS: dict[str, Method] = {}
@@ -26,7 +27,7 @@ _ALIASES: dict[str, str] = {}
 
 
 def register(name: str, *, layer: type[AdapterLayer], peft_type: str,
-             controller: type[Controller] = Controller, aliases: tuple[str, ...] = ()):
+             controller: type[Controller] = Controller, aliases: tuple[str, ...] = (), reads: tuple[str, ...] = ()):
     """Class decorator for a method's config dataclass."""
     if not name.isidentifier() or name != name.lower():
         raise ValueError(f"method name must be a lowercase identifier, got {name!r}")
@@ -38,7 +39,7 @@ def register(name: str, *, layer: type[AdapterLayer], peft_type: str,
             if key in _METHODS or key in _ALIASES:
                 raise ValueError(f"adapter name {key!r} is already registered")
         config_cls.method = name
-        _METHODS[name] = Method(name, config_cls, layer, controller, peft_type, tuple(aliases))
+        _METHODS[name] = Method(name, config_cls, layer, controller, peft_type, tuple(aliases), tuple(reads))
         _ALIASES.update({alias: name for alias in aliases})
         return config_cls
 

@@ -218,6 +218,9 @@ class SaRAController(ScheduledController):
 class SaRAConfig(ScheduledConfig):
     """SaRA, Hu et al. 2025 (arXiv:2409.06633): sparse fine-tuning of the smallest base weights."""
 
+    # the weights trained directly, λ of the paper's hyper-parameter study (App. K); the released README uses 5e-4
+    presets = {"paper": {"step_scale": 1.0, "lambda_rank": 5e-3}}
+
     target_fraction: float | None = opt(0.05, "fraction of the targeted weights to train (global over layers)",
                                         check=Check(lambda v: 0 < v < 1, "in (0, 1)"))
     threshold: float | None = opt(None, "train every weight with |w| < threshold instead (the paper's rule)",
