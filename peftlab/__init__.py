@@ -17,10 +17,16 @@ from .adapters import (  # noqa: E402
     AdapterConfig,
     AdapterLayer,
     Controller,
+    active_adapter,
+    add_weighted_adapter,
+    adapter_names,
     controller,
+    delete_adapter,
+    disable_adapters,
     get_config,
     list_adapters,
     merge,
+    set_adapter,
     trainable_summary,
     unwrap,
     wrap,
@@ -34,6 +40,7 @@ from .trainers import TrainConfig, Trainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "AdapterLayer", "Controller", "controller", "estimate_memory", "get_config", "list_adapters",
-    "load_adapter", "load_model", "merge", "save_adapter", "shard", "TrainConfig", "Trainer", "trainable_summary", "unwrap", "wrap",
+    "AdapterConfig", "AdapterLayer", "Controller", "active_adapter", "add_weighted_adapter", "adapter_names", "controller", "delete_adapter",
+    "disable_adapters", "estimate_memory", "get_config", "list_adapters", "load_adapter", "load_model", "merge",
+    "save_adapter", "set_adapter", "shard", "TrainConfig", "Trainer", "trainable_summary", "unwrap", "wrap",
 ]

@@ -13,10 +13,12 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .adapters.layer import PEFT_PREFIX as PREFIX
-from .adapters.inject import state_of, unwrap, wrap
+from .adapters.inject import AdapterState, adapters_of, delete_adapter, state_of, unwrap, wrap
 from .adapters.registry import Method, get_method, list_adapters
 from .settings import field_names
 
@@ -42,6 +44,7 @@ _PEFT_METADATA = {
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying",
     "layers_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+    "save_projection", "sparse", "very_sparse", "init_weights",  # how PEFT made RandLoRA's bases, which it saved
     # LoraConfig fields that PEFT's AdaLoRA / RandLoRA configs inherit and ignore (LoRA reads them)
     "r", "init_lora_weights", "use_rslora", "alpha_pattern",
 }
@@ -149,15 +152,14 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
-def write_adapter_files(model: nn.Module, output_dir: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                        peft_config: dict[str, Any], sidecar: dict[str, Any]) -> Path:
+def write_adapter_files(model: nn.Module, state: AdapterState, output_dir: str | os.PathLike,
+                        tensors: dict[str, torch.Tensor], peft_config: dict[str, Any], sidecar: dict[str, Any]) -> Path:
     """Write adapter_model.safetensors, adapter_config.json and peftlab.json, each atomically.
 
     `tensors` holds the adapted layers' tensors; the modules_to_save and the generic PEFT config
     keys (task type, base model, exact target and saved modules) are added here.
     """
-    state = state_of(model)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in {**tensors, **_saved_modules(model)}.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in {**tensors, **_saved_modules(state)}.items()}
     config = {
         "task_type": _task_type(model), "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -181,19 +183,40 @@ def _layer_tensors(layers: dict[str, Any]) -> dict[str, torch.Tensor]:
             for suffix, t in layer.peft_state().items()}
 
 
-def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{PREFIX}{name}.{key}": tensor for name in state_of(model).modules_to_save
-            for key, tensor in model.get_submodule(name).state_dict().items()}
+def _saved_modules(state: AdapterState) -> dict[str, torch.Tensor]:
+    return {f"{PREFIX}{name}.{key}": tensor for name, module in state.trained.items()
+            for key, tensor in module.state_dict().items()}
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT key names (modules_to_save included)."""
-    return {**_layer_tensors(state_of(model).layers), **_saved_modules(model)}
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """An adapter's tensors (the active one's by default) under PEFT key names, modules_to_save included."""
+    state = state_of(model, adapter_name)
+    return {**_layer_tensors(state.layers), **_saved_modules(state)}
 
 
-def save_adapter(model: nn.Module, output_dir: str | os.PathLike) -> Path:
-    """Write the adapter of a wrapped model (never the base weights) to `output_dir`."""
-    state = state_of(model)
+def parameters_in_adapter_file(model: nn.Module) -> dict[str, str]:
+    """The active adapter's trainable parameters that its adapter file holds verbatim (the whole
+    tensor, as it is): parameter name -> the file's key. LoRA's are all of them; AdaLoRA's file
+    holds only the live ranks, so its parameters are not among them."""
+    keys = {(t.data_ptr(), tuple(t.shape)): key for key, t in adapter_state_dict(model).items()}
+    return {name: keys[(p.data_ptr(), tuple(p.shape))] for name, p in model.named_parameters()
+            if p.requires_grad and (p.data_ptr(), tuple(p.shape)) in keys}
+
+
+def save_adapter(model: nn.Module, output_dir: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write a wrapped model's adapters (never the base weights) to `output_dir`.
+
+    All of them by default, in PEFT's layout: "default" in `output_dir` itself and every other
+    adapter in a subdirectory of its name. With `adapter_name`, that adapter alone, in `output_dir`.
+    """
+    if adapter_name is not None:
+        return _save_one(model, state_of(model, adapter_name), Path(output_dir))
+    for name, state in adapters_of(model).states.items():
+        _save_one(model, state, Path(output_dir) if name == "default" else Path(output_dir) / name)
+    return Path(output_dir)
+
+
+def _save_one(model: nn.Module, state: AdapterState, output_dir: Path) -> Path:
     active = [name for name, layer in state.layers.items() if layer.is_active()]
     bases = [state.layers[name].base_layer for name in active]
     peft_config = {
@@ -203,7 +226,8 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike) -> Path:
         "target_modules": active,
         "fan_in_fan_out": all(isinstance(b, Conv1D) for b in bases),
     }
-    return write_adapter_files(model, output_dir, _layer_tensors(state.layers), peft_config,
+    tensors = {**_layer_tensors(state.layers), **state.controller.shared_state()}
+    return write_adapter_files(model, state, output_dir, tensors, peft_config,
                                {"method": state.method.name, "fields": state.config.peftlab_fields()})
 
 
@@ -249,6 +273,7 @@ def _method_for(saved: dict[str, Any], sidecar: dict[str, Any] | None, path: Pat
     peft_type = str(saved.get("peft_type", ""))
     by_type = {get_method(n).peft_type: get_method(n) for n in list_adapters()
                if get_method(n).peft_type.lower().removeprefix("peftlab_") == n}
+    by_type.update({t: get_method(n) for n in list_adapters() for t in get_method(n).reads})
     if peft_type not in by_type:
         raise ValueError(
             f"{path / CONFIG_NAME} has peft_type={peft_type!r}; peftlab reads {sorted(by_type)}. "
@@ -298,13 +323,42 @@ def read_config(path: str | os.PathLike):
     return method, method.config(**kwargs)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Wrap `model` as the adapter in `path` describes and load its weights; returns `model`.
+def saved_adapters(path: str | os.PathLike) -> dict[str, Path]:
+    """The adapters a directory holds in PEFT's layout: itself as "default" and each subdirectory
+    with adapter files as an adapter of its name (a run's checkpoint-N directories are not adapters
+    of the run). Just the directory itself, as "default", when it holds no such subdirectory."""
+    path = Path(path)
+    found = {"default": path} if (path / CONFIG_NAME).is_file() else {}
+    if path.is_dir():
+        for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+            if (sub / CONFIG_NAME).is_file() and not re.fullmatch(r"checkpoint-\d+", sub.name):
+                found[sub.name] = sub
+    return found or {"default": path}  # reading it then names what is missing
 
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+    """Wrap `model` as the adapters in `path` describe and load their weights; returns `model`.
+
+    Without `adapter_name`, every adapter of a PEFT multi-adapter directory is loaded (itself as
+    "default", subdirectories under their names); with it, the adapter in `path` is loaded under
+    that name. On a wrapped model they are added beside its adapters (the active one stays).
     Strict: every wrapped layer must find its tensors, every tensor must find its layer, and
     every shape must fit, otherwise nothing is loaded and the error lists the differences.
     """
-    path = Path(path)
+    found = {adapter_name: Path(path)} if adapter_name is not None else saved_adapters(path)
+    loaded: list[str] = []
+    try:
+        for name, directory in found.items():
+            _load_one(model, directory, name)
+            loaded.append(name)
+    except Exception:
+        for name in reversed(loaded):
+            _remove(model, name)
+        raise
+    return model
+
+
+def _load_one(model: nn.Module, path: Path, adapter_name: str) -> None:
     _, config = read_config(path)
     try:
         tensors = load_file(str(path / WEIGHTS_NAME))
@@ -314,19 +368,31 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if bad:
         raise ValueError(f"{path / WEIGHTS_NAME} holds NaN/inf values in {len(bad)} tensors ({', '.join(bad[:3])}); "
                          "it is damaged or from a diverged run")
-    wrap(model, config)
+    modules = dict(model.named_modules())
+    absent = [n for n in config.modules_to_save or () if n not in modules
+              and not any(k.startswith(f"{PREFIX}{n}.") for k in tensors)]
+    if absent:  # PEFT's SEQ_CLS lists every head name it knows ("classifier", "score"); a model has one
+        config = replace(config, modules_to_save=tuple(n for n in config.modules_to_save if n not in absent))
+    wrap(model, config, adapter_name=adapter_name)
     try:
-        _load_tensors(model, tensors, path)
+        _load_tensors(state_of(model, adapter_name), tensors, path)
     except Exception:
-        unwrap(model)
+        _remove(model, adapter_name)
         raise
-    return model
 
 
-def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    expected = adapter_state_dict(model)
+def _remove(model: nn.Module, adapter_name: str) -> None:
+    if len(adapters_of(model).states) == 1:
+        unwrap(model)
+    else:
+        delete_adapter(model, adapter_name)
+
+
+def _load_tensors(state: AdapterState, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = {**_layer_tensors(state.layers), **_saved_modules(state)}
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    others = set(tensors) - set(expected)  # a controller's own (RandLoRA's bases), else unexpected
+    unexpected = sorted(others - state.controller.load_shared_state({k: tensors[k] for k in others}))
     if missing or unexpected:
         lines = [f"{path / WEIGHTS_NAME} does not fit this model:"]
         if missing:
@@ -342,13 +408,11 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
             f"{path / WEIGHTS_NAME} has shapes that do not fit this base model "
             f"(a different model size?): {'; '.join(wrong[:4])}"
         )
-    state = state_of(model)
     for name, layer in state.layers.items():
         prefix = f"{PREFIX}{name}."
         layer.load_peft_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    for name in state.modules_to_save:
+    for name, module in state.trained.items():
         prefix = f"{PREFIX}{name}."
-        module = model.get_submodule(name)
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
@@ -382,7 +446,8 @@ def export_lora(model: nn.Module, output_dir: str | os.PathLike, rank: int | Non
         "rank_pattern": ranks, "alpha_pattern": dict(ranks),  # alpha = r: scale 1, the factors carry it
         "fan_in_fan_out": all(isinstance(state.layers[n].base_layer, Conv1D) for n in ranks),
     }
-    write_adapter_files(model, output_dir, tensors, peft_config, {"method": "lora", "exported_from": state.method.name})
+    write_adapter_files(model, state, output_dir, tensors, peft_config,
+                        {"method": "lora", "exported_from": state.method.name})
     return errors
 
 
@@ -397,5 +462,5 @@ def export_peft(model: nn.Module, output_dir: str | os.PathLike) -> Path:
                          f"{state.method.peft_type!r}" + ("" if not state.method.peft_type.startswith("PEFTLAB_")
                          else ", which HF PEFT has no method for; export it as a LoRA (export_lora)"))
     tensors, peft_config = native
-    return write_adapter_files(model, output_dir, tensors, peft_config,
+    return write_adapter_files(model, state, output_dir, tensors, peft_config,
                                {"method": state.method.name, "exported_as": "peft"})

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapters.inject import state_of
+from .adapters.inject import adapters_of
 
 
 def shard(model: nn.Module) -> nn.Module:
@@ -34,7 +34,7 @@ def shard(model: nn.Module) -> nn.Module:
         raise RuntimeError("peftlab.shard needs a process group: launch with `torchrun --nproc_per_node N` (or "
                            "`accelerate launch --multi_gpu --num_processes N`) and call "
                            "torch.distributed.init_process_group() first")
-    state_of(model)  # a clear error if the model carries no adapters
+    adapters_of(model)  # a clear error if the model carries no adapters
     if is_sharded(model):
         raise ValueError("this model is already sharded")
     blocks = transformer_blocks(model)
@@ -57,7 +57,7 @@ def shard(model: nn.Module) -> nn.Module:
     # the root too (FSDP2 keeps the root gathered by default): it holds the embeddings and the head
     fully_shard(model, ignored_params=kept_whole, reshard_after_forward=True)
     model._peftlab_gradient_sync = GradientSync(trainable)
-    state_of(model).sharded = True
+    adapters_of(model).sharded = True
     return model
 
 

@@ -56,7 +56,7 @@ def minilm_classifier(num_labels: int = 2, seed: int = 0) -> nn.Module:
 def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
     """Make every adapter non-trivial, so that equality tests cannot pass on an identity init."""
     gen = torch.Generator().manual_seed(seed)
-    for layer in model.peftlab.layers.values():
+    for layer in model.peftlab.current.layers.values():
         for p in layer.adapter_parameters().values():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 

@@ -6,13 +6,12 @@ import torch
 from torch import nn
 
 import peftlab
-from peftlab.adapters.lora import LoRALinear
 
 from conftest import minilm_classifier, tiny_gpt2, tiny_llama, tokens
 
 
 def wrapped_names(model):
-    return sorted(model.peftlab.layers)
+    return sorted(model.peftlab.current.layers)
 
 
 def test_suffix_list_matches_full_names_and_dotted_suffixes():
@@ -28,20 +27,20 @@ def test_regex_string_is_matched_against_the_full_name():
 
 def test_all_linear_skips_the_output_head_on_llama_and_gpt2():
     llama = peftlab.wrap(tiny_llama(), "lora")
-    assert len(llama.peftlab.layers) == 2 * 7 and "lm_head" not in llama.peftlab.layers
+    assert len(llama.peftlab.current.layers) == 2 * 7 and "lm_head" not in llama.peftlab.current.layers
     gpt2 = peftlab.wrap(tiny_gpt2(), "lora")
     assert all(re.fullmatch(r"transformer\.h\.\d\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)", n)
-               for n in gpt2.peftlab.layers) and len(gpt2.peftlab.layers) == 8
+               for n in gpt2.peftlab.current.layers) and len(gpt2.peftlab.current.layers) == 8
 
 
 def test_all_linear_on_bert_classifier_trains_the_head_in_full():
     model = minilm_classifier()
     peftlab.wrap(model, "lora", r=4)
-    assert "classifier" not in model.peftlab.layers and "bert.pooler.dense" in model.peftlab.layers
-    assert len(model.peftlab.layers) == 6 * 6 + 1  # q k v attn-out ffn-in ffn-out per layer, + pooler
-    assert model.peftlab.modules_to_save == ["classifier"]
+    assert "classifier" not in model.peftlab.current.layers and "bert.pooler.dense" in model.peftlab.current.layers
+    assert len(model.peftlab.current.layers) == 6 * 6 + 1  # q k v attn-out ffn-in ffn-out per layer, + pooler
+    assert model.peftlab.current.modules_to_save == ["classifier"]
     assert model.classifier.weight.requires_grad and not model.bert.embeddings.word_embeddings.weight.requires_grad
-    assert model.peftlab.config.modules_to_save == ("classifier",)
+    assert model.peftlab.current.config.modules_to_save == ("classifier",)
 
 
 def test_exclude_modules_wins_over_targets():
@@ -54,7 +53,7 @@ def test_exclude_modules_wins_over_targets():
 def test_only_adapters_and_saved_modules_are_trainable():
     model = peftlab.wrap(tiny_llama(), "lora", r=2, modules_to_save=["lm_head"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.{k}" for n, layer in model.peftlab.layers.items() for k in ("lora_A", "lora_B")} | {
+    assert trainable == {f"{n}.{k}" for n, layer in model.peftlab.current.layers.items() for k in ("lora_A", "lora_B")} | {
         "lm_head.weight"}
     x = tokens()
     before = {n: p.clone() for n, p in model.named_parameters()}
@@ -76,9 +75,9 @@ def test_tied_head_in_modules_to_save_leaves_the_embeddings_alone():
     assert torch.equal(model.transformer.wte.weight, embeddings)
 
 
-def test_wrapping_twice_is_an_error():
+def test_wrapping_twice_under_one_name_is_an_error():
     model = peftlab.wrap(tiny_llama(), "lora")
-    with pytest.raises(RuntimeError, match="already carries peftlab adapters.*peftlab.unwrap"):
+    with pytest.raises(ValueError, match="already has an adapter named 'default'.*adapter_name=.*delete_adapter"):
         peftlab.wrap(model, "lora")
 
 

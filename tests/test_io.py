@@ -59,7 +59,7 @@ def test_peft_lora_loads_in_peftlab_with_identical_logits(arch, tmp_path):
 
     model = peftlab.load_adapter(make(), tmp_path)
     torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=1e-5)
-    ranks = {name.rsplit(".", 1)[-1]: layer.r for name, layer in model.peftlab.layers.items()}
+    ranks = {name.rsplit(".", 1)[-1]: layer.r for name, layer in model.peftlab.current.layers.items()}
     assert ranks == ({"q_proj": 6, "v_proj": 3, "down_proj": 6} if arch == "llama" else {"c_attn": 6, "c_fc": 3})
 
 
@@ -218,7 +218,87 @@ def test_nothing_non_finite_is_ever_written(tmp_path):
         peftlab.wrap(tiny_llama(), "lora", lora_alpha=float("nan"))
     model = peftlab.wrap(tiny_llama(), "lora", r=4)
     with torch.no_grad():
-        next(iter(model.peftlab.layers.values())).lora_A.fill_(float("inf"))
+        next(iter(model.peftlab.current.layers.values())).lora_A.fill_(float("inf"))
     with pytest.raises(ValueError, match="refusing to save an adapter with NaN/inf values"):
         peftlab.save_adapter(model, tmp_path / "out")
     assert not (tmp_path / "out" / WEIGHTS_NAME).exists()
+
+
+# ------------------------------------------------------------------- files HF PEFT writes itself
+def tiny_classifier(seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+
+
+@pytest.mark.parametrize("kind", ["lora", "eva", "adalora"])
+def test_peft_sequence_classification_adapters_load_with_equal_outputs(kind, tmp_path):
+    """PEFT writes modules_to_save=["classifier", "score"] for SEQ_CLS, one of which never exists."""
+    from peft import AdaLoraConfig, EvaConfig
+
+    configs = {"lora": LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]),
+               "eva": LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
+                                 init_lora_weights="eva", eva_config=EvaConfig()),
+               "adalora": AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2, total_step=10,
+                                        target_modules=["query", "value"])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(tiny_classifier(), configs[kind]).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.normal_(0, 0.2)
+    theirs.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert set(saved["modules_to_save"]) >= {"classifier", "score"}
+    if kind == "adalora":
+        assert saved["tinit"] == 0 and saved["tfinal"] == 0, "PEFT's default schedule"
+    ours = peftlab.load_adapter(tiny_classifier(), tmp_path).eval()
+    x = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_randlora_files_import_and_keep_their_bases(tmp_path):
+    from peft import RandLoraConfig
+
+    torch.manual_seed(0)
+    theirs = get_peft_model(tiny_llama(), RandLoraConfig(r=8, randlora_alpha=64, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "randlora_lambda" in name or "randlora_gamma" in name:
+                p.normal_(0, 0.05)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    x = tokens()
+    ours = peftlab.load_adapter(tiny_llama(), tmp_path / "peft").eval()
+    assert ours.peftlab.current.method.name == "randlora"
+    torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
+    peftlab.save_adapter(ours, tmp_path / "ours")  # PEFT's bases cannot be regenerated: they travel along
+    again = peftlab.load_adapter(tiny_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(again(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_reads_peftlab_adalora_without_unknown_keys(tmp_path):
+    from peft import PeftConfig
+
+    peftlab.save_adapter(peftlab.wrap(tiny_llama(), "adalora", init_r=4, target_r=2, total_step=10), tmp_path)
+    assert "init_like_lora" not in json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert json.loads((tmp_path / PEFTLAB_NAME).read_text())["fields"] == {"init_like_lora": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PeftConfig.from_pretrained(str(tmp_path))
+    assert peftlab.load_adapter(tiny_llama(), tmp_path).peftlab.current.config.init_like_lora is True
+
+
+def test_increlora_files_from_before_the_fixed_scale_load_at_the_scale_they_trained_at(tmp_path):
+    model = peftlab.wrap(tiny_llama(), "increlora", init_r=2, target_r=4, total_step=10)
+    randomize_adapters(model)
+    peftlab.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del config["scale_by_live_rank"]  # as written before the key existed (scale alpha / live rank)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    (tmp_path / PEFTLAB_NAME).unlink()
+    loaded = peftlab.load_adapter(tiny_llama(), tmp_path)
+    layer = next(iter(loaded.peftlab.current.layers.values()))
+    assert loaded.peftlab.current.config.scale_by_live_rank and layer.scale == pytest.approx(16 / (layer.rank + 1e-5))

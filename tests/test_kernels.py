@@ -44,7 +44,7 @@ class FixedDropout(nn.Module):
 
 def fused_and_eager(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     eager = copy.deepcopy(model)
-    for layer in eager.peftlab.layers.values():
+    for layer in eager.peftlab.current.layers.values():
         layer.fusion = None
     return model, eager
 
@@ -52,7 +52,7 @@ def fused_and_eager(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def wrapped(method: str, build=tiny_llama, **overrides) -> nn.Module:
     model = peftlab.wrap(build(), method, **{**CASES[method].config, **overrides})
     randomize_adapters(model)
-    for layer in model.peftlab.layers.values():
+    for layer in model.peftlab.current.layers.values():
         if hasattr(layer, "set_scoring"):
             layer.set_scoring(False)  # IncreLoRA's growth phase needs its eager dense-ΔW score
     return model
@@ -80,7 +80,7 @@ def assert_same_training_step(fused: nn.Module, eager: nn.Module, x: torch.Tenso
 @pytest.mark.parametrize("method", LORA_FAMILY)
 def test_fused_equals_eager_on_llama(method):
     fused, eager = fused_and_eager(wrapped(method))
-    groups = {len(g) for g in next(iter(fused.peftlab.layers.values())).fusion.groups.values()}
+    groups = {len(g) for g in next(iter(fused.peftlab.current.layers.values())).fusion.groups.values()}
     assert groups == {2, 3}  # q/k/v and gate/up run as stacked groups
     assert_same_training_step(fused, eager, tokens())
 
@@ -89,7 +89,7 @@ def test_fused_equals_eager_on_llama(method):
 def test_fused_equals_eager_with_dropout(method, monkeypatch):
     monkeypatch.setattr(fusion, "dropout_keep_mask", fixed_mask)
     fused, eager = fused_and_eager(wrapped(method, lora_dropout=0.1))
-    for layer in eager.peftlab.layers.values():
+    for layer in eager.peftlab.current.layers.values():
         layer.dropout = FixedDropout(0.1)
     assert_same_training_step(fused, eager, tokens())
     fused.eval(), eager.eval()  # no dropout in eval
@@ -107,7 +107,7 @@ def test_fused_equals_eager_on_4bit_base(method):
     model = nn.Sequential(linear4bit(64, 32), nn.GELU(), linear4bit(32, 16, seed=1))
     model = peftlab.wrap(model, method, **CASES[method].config, target_modules=["0", "2"])
     randomize_adapters(model)
-    for layer in model.peftlab.layers.values():
+    for layer in model.peftlab.current.layers.values():
         if hasattr(layer, "set_scoring"):
             layer.set_scoring(False)
     fused, eager = fused_and_eager(model)
@@ -200,11 +200,11 @@ def test_a_group_whose_members_read_different_inputs_dissolves_and_stays_exact()
     model = peftlab.wrap(CrossAttention(), "lora", r=4)
     randomize_adapters(model)
     fused, eager = fused_and_eager(model)
-    assert len(fused.peftlab.layers["q"].fusion.groups) == 3
+    assert len(fused.peftlab.current.layers["q"].fusion.groups) == 3
     x, memory = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
     for _ in range(2):
         torch.testing.assert_close(fused(x, memory), eager(x, memory), atol=1e-6, rtol=1e-6)
-    assert fused.peftlab.layers["q"].fusion.groups == {}
+    assert fused.peftlab.current.layers["q"].fusion.groups == {}
 
 
 def test_bf16_autocast_runs_fused_in_bf16():
@@ -223,7 +223,7 @@ def test_fallback_notice_for_a_hooked_base(caplog):
         model = peftlab.wrap(model, "lora", r=2)
     notices = [r.getMessage() for r in caplog.records]
     assert len(notices) == 1 and "1 layer(s) use the eager path" in notices[0] and "forward hooks" in notices[0]
-    assert model.peftlab.layers["0"].fusion is None and model.peftlab.layers["1"].fusion is not None
+    assert model.peftlab.current.layers["0"].fusion is None and model.peftlab.current.layers["1"].fusion is not None
     model(torch.randn(2, 8))
     assert calls == [1]  # the hook still runs
 
@@ -238,7 +238,7 @@ def test_fused_false_is_rejected_for_folded_methods():
     with pytest.raises(ValueError, match="fused=False applies to the LoRA family; sara"):
         peftlab.wrap(tiny_llama(), "sara", total_step=10, fused=False)
     model = peftlab.wrap(tiny_llama(), "lora", fused=False)
-    assert all(layer.fusion is None for layer in model.peftlab.layers.values())
+    assert all(layer.fusion is None for layer in model.peftlab.current.layers.values())
 
 
 def test_fused_is_not_written_to_the_adapter_config(tmp_path):

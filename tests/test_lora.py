@@ -58,7 +58,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(factory):
     x = tokens()
     unmerged = model(x).logits
     assert not torch.allclose(unmerged, factory()(x).logits, atol=1e-3), "adapters must change the output"
-    layers = model.peftlab.layers.values()
+    layers = model.peftlab.current.layers.values()
     for layer in layers:
         layer.merge()
     torch.testing.assert_close(model(x).logits, unmerged, atol=1e-5, rtol=1e-5)

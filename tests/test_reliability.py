@@ -2,7 +2,6 @@
 untrusted adapter directories cannot hang, flood or lie, damage and interruption leave nothing
 half-written and resume from the last good state, the lock is atomic, errors name the problem."""
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from peftlab.cli import main
 from peftlab.trainers.checkpoint import checkpoints
 
 from conftest import tiny_llama
-from train_job import HERE, job_env, lm_dataset
+from train_job import job_env, lm_dataset
 
 
 def run(*argv):

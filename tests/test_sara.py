@@ -35,7 +35,7 @@ def test_selection_hand_example_is_strict():
 
 def test_fraction_selection_is_global_and_reproducible():
     model = peftlab.wrap(tiny_llama(), "sara", total_step=10, target_fraction=0.05)
-    layers = list(model.peftlab.layers.values())
+    layers = list(model.peftlab.current.layers.values())
     total = sum(l.weight_shape.numel() for l in layers)
     selected = sum(len(l.idx) for l in layers)
     assert abs(selected - 0.05 * total) <= 2
@@ -150,18 +150,18 @@ def test_reselection_without_an_optimizer_is_a_clear_error():
 def test_save_load_merge_and_delta(tmp_path):
     torch.manual_seed(0)
     model = peftlab.wrap(tiny_llama(), "sara", total_step=10, target_fraction=0.1)
-    for layer in model.peftlab.layers.values():
+    for layer in model.peftlab.current.layers.values():
         with torch.no_grad():
             layer.values.add_(torch.randn_like(layer.values) * 0.01)
     x = tokens()
     expected = model(x).logits
     peftlab.save_adapter(model, tmp_path)
     size = (tmp_path / "adapter_model.safetensors").stat().st_size
-    selected = sum(len(l.idx) for l in model.peftlab.layers.values())
+    selected = sum(len(l.idx) for l in model.peftlab.current.layers.values())
     assert size < selected * 20, "indices + deltas + flags, nothing dense"
     loaded = peftlab.load_adapter(tiny_llama(), tmp_path)
     assert torch.equal(loaded(x).logits, expected)
-    layer = next(iter(model.peftlab.layers.values()))
+    layer = next(iter(model.peftlab.current.layers.values()))
     w0 = peftlab.quant.base_weight(layer.base_layer)
     torch.testing.assert_close(peftlab.merge(loaded)(x).logits, expected, atol=1e-5, rtol=1e-5)
     merged_weight = w0 + layer.delta_weight()
@@ -224,9 +224,8 @@ def test_minilm_at_5_percent_holds_under_a_tenth_of_full_finetuning_state():
     def state_elements(model):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        ctl = getattr(model, "peftlab", None)
-        if ctl is not None:
-            ctl.controller.bind_optimizer(opt)
+        if hasattr(model, "peftlab"):
+            peftlab.controller(model).bind_optimizer(opt)
         model(**batch, labels=labels).loss.backward()
         opt.step()
         grads = sum(p.grad.numel() for p in params)
@@ -235,10 +234,10 @@ def test_minilm_at_5_percent_holds_under_a_tenth_of_full_finetuning_state():
 
     full = minilm_classifier()
     sara_model = peftlab.wrap(minilm_classifier(), "sara", total_step=10, target_fraction=0.05, modules_to_save=[])
-    targeted = [l.base_layer.weight for l in sara_model.peftlab.layers.values()]
+    targeted = [l.base_layer.weight for l in sara_model.peftlab.current.layers.values()]
     full.requires_grad_(False)
     for name, module in full.named_modules():
-        if name in sara_model.peftlab.layers:
+        if name in sara_model.peftlab.current.layers:
             module.weight.requires_grad_(True)
     dense, sparse = state_elements(full), state_elements(sara_model)
     assert dense == 3 * sum(w.numel() for w in targeted)

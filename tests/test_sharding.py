@@ -89,7 +89,7 @@ def process_group():
 
 def test_an_adapter_loaded_then_sharded_gives_the_same_outputs(tmp_path, process_group):
     model = peftlab.wrap(tiny_llama(), "adalora", init_r=4, target_r=2, total_step=10)
-    for layer in model.peftlab.layers.values():
+    for layer in model.peftlab.current.layers.values():
         torch.nn.init.normal_(layer.lora_E, std=0.5)
     peftlab.save_adapter(model, tmp_path / "adapter")
     batch = {"input_ids": torch.stack([row["input_ids"] for row in lm_dataset(4)])}

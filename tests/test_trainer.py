@@ -17,7 +17,7 @@ from peftlab.trainers.checkpoint import checkpoints
 
 from cases import CASES
 from conftest import tiny_llama
-from train_job import HERE, JOB_CONFIGS, assert_same_training, free_port, job_env, lm_dataset, run_job
+from train_job import HERE, assert_same_training, job_env, lm_dataset, run_job
 
 STATELESS = {"randlora", "allora"}  # no controller state to resume (LoRA stays: it is the baseline)
 
@@ -48,8 +48,8 @@ class Spy(Controller):
 
 
 def spied(model):
-    model.peftlab.controller = Spy(model.peftlab.controller)
-    return model.peftlab.controller
+    model.peftlab.current.controller = Spy(model.peftlab.current.controller)
+    return model.peftlab.current.controller
 
 
 def config(tmp_path, **kw):
@@ -127,7 +127,7 @@ def test_nonfinite_steps_are_skipped_and_counted_then_stop(tmp_path):
     model.model.norm.register_forward_hook(poison)
     trainer = peftlab.Trainer(model, config(tmp_path, max_steps=4), lm_dataset())
     trainer.train()
-    assert trainer.nonfinite_total == 1
+    assert trainer.lifecycle.skipped_total == 1
     assert [c[1] for c in spy.calls if c[0] == "before"] == [0, 2, 3], "no hook sees the NaN step"
 
     poisoned.update(range(100))
@@ -185,7 +185,7 @@ def test_qlora_4bit_base_trains(method, tmp_path):
     model = peftlab.load_model(str(tmp_path / "base"), "causal-lm", load_in_4bit=True)
     assert any(peftlab.quant.is_4bit(m) for m in model.modules())
     peftlab.wrap(model, method, **QLORA[method])
-    assert all(peftlab.quant.is_4bit(l.base_layer) for l in model.peftlab.layers.values())
+    assert all(peftlab.quant.is_4bit(l.base_layer) for l in model.peftlab.current.layers.values())
     trainer = peftlab.Trainer(model, config(tmp_path / "run", max_steps=30, learning_rate=1e-2, warmup_steps=0),
                               lm_dataset(num_starts=4), eval_dataset=lm_dataset(8, seed=1, num_starts=4))
     before = trainer.evaluate()["eval_loss"]
@@ -292,7 +292,7 @@ def test_torch_compile_trains_like_eager_with_the_lifecycle_intact(tmp_path):
         results.append(({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
                         peftlab.controller(model).report()))
     (eager, eager_report), (compiled, compiled_report) = results
-    assert eager_report == compiled_report and eager_report["budget"] < 4 * len(model.peftlab.layers)
+    assert eager_report == compiled_report and eager_report["budget"] < 4 * len(model.peftlab.current.layers)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], atol=1e-5, rtol=1e-4, msg=name)
 

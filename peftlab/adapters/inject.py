@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -18,6 +19,7 @@ from .config import AdapterConfig
 from .controller import Controller
 from .layer import AdapterLayer, fullmatch, set_module
 from .registry import Method, get_config, method_of
+from .routing import BASE_ROWS, Routing
 
 ALL_LINEAR = "all-linear"
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
@@ -26,19 +28,41 @@ _CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification")
 
 @dataclass
 class AdapterState:
-    """What peftlab attaches to a wrapped model (as `model.peftlab`)."""
+    """One named adapter: its layers (in the model while it is the active one, aside otherwise),
+    its controller and its own trained copies of the modules_to_save."""
 
+    name: str
     method: Method
     controller: Controller
     layers: dict[str, AdapterLayer]
-    modules_to_save: list[str]
-    originals: dict[str, nn.Module] = field(repr=False)  # modules_to_save as they were before wrap
-    sharded: bool = False  # set by peftlab.shard: each process holds a slice of the base
+    trained: dict[str, nn.Module]   # modules_to_save, this adapter's copies
+    originals: dict[str, nn.Module] = field(repr=False)  # modules_to_save as the base has them
 
     @property
     def config(self) -> AdapterConfig:
         """The config as the controller holds it (a scheduled method's total_step filled in)."""
         return self.controller.config
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        return list(self.trained)
+
+
+@dataclass
+class Adapters:
+    """What peftlab attaches to a wrapped model (as `model.peftlab`): its named adapters, one of
+    them active. Only the active adapter's layers are in the model, so only it computes, trains
+    and has its controller run; switching swaps layers, never copies a weight (PEFT's named
+    adapters, with the same names: "default" first)."""
+
+    states: dict[str, AdapterState]
+    active: str
+    sharded: bool = False  # set by peftlab.shard: each process holds a slice of the base
+    routing: Routing | None = field(default=None, repr=False)  # `adapter_names=` in forward (routing.py)
+
+    @property
+    def current(self) -> AdapterState:
+        return self.states[self.active]
 
 
 def matches(patterns: str | tuple[str, ...], name: str) -> bool:
@@ -111,20 +135,52 @@ def is_wrapped(model: nn.Module) -> bool:
     return hasattr(model, "peftlab") or any(isinstance(m, AdapterLayer) for m in model.modules())
 
 
-def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.Module:
+def wrap(model: nn.Module, config: AdapterConfig | str, *, adapter_name: str = "default", **overrides: Any) -> nn.Module:
     """Inject the adapters `config` describes into `model` in place and return it.
 
-    Everything but the adapter parameters and `modules_to_save` is frozen.
+    Everything but the adapter parameters and `modules_to_save` is frozen. On a model that
+    already carries adapters, this adds one more under a new `adapter_name` (of any method); as
+    in PEFT, the active adapter stays what it was until `set_adapter(model, adapter_name)`.
     """
     if isinstance(config, str):
         config = get_config(config, **overrides)
     elif overrides:
         raise TypeError("pass overrides only with a method name, e.g. wrap(model, 'lora', r=16)")
-    if is_wrapped(model):
-        raise RuntimeError(
-            "this model already carries peftlab adapters; wrapping twice would stack them. "
-            "Call peftlab.unwrap(model) or peftlab.merge(model) first, or start from a fresh base model"
-        )
+    check_adapter_name(adapter_name)
+    adapters = getattr(model, "peftlab", None)
+    if adapters is None and is_wrapped(model):
+        raise RuntimeError("this model carries adapter layers peftlab did not put there (a copied or pickled model?); "
+                           "start from a fresh base model")
+    if adapters is not None:
+        if adapter_name in adapters.states:
+            raise ValueError(f"this model already has an adapter named {adapter_name!r} ({', '.join(adapters.states)}); "
+                             "pass another adapter_name=, or peftlab.delete_adapter(model, "
+                             f"{adapter_name!r}) first")
+        _check_unmerged(adapters.current, "add an adapter")
+        _detach(model, adapters.current)
+    try:
+        state = _build(model, config, adapter_name)
+    finally:
+        if adapters is not None:  # the new adapter waits aside; the active one returns
+            _attach(model, adapters.current)
+    if adapters is None:
+        model.peftlab = Adapters({adapter_name: state}, adapter_name, routing=Routing(model))
+        _attach(model, state)
+    else:
+        adapters.states[adapter_name] = state
+    return model
+
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names become directory names (PEFT's layout) and row labels of mixed batches."""
+    if not isinstance(name, str) or not name or name != name.strip() or any(c in name for c in "/\\.") \
+            or name == BASE_ROWS:
+        raise ValueError(f"adapter_name={name!r} is not usable: give a non-empty name without '/', '\\' or '.', "
+                         f"other than {BASE_ROWS!r} (which names the base model's rows of a mixed batch)")
+
+
+def _build(model: nn.Module, config: AdapterConfig, name: str) -> AdapterState:
+    """The adapter `config` describes for the bare `model`, with nothing put into the model yet."""
     method = method_of(config)
     modules = dict(model.named_modules())
     saved = list(config.modules_to_save if config.modules_to_save is not None else default_modules_to_save(model))
@@ -133,6 +189,7 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
         raise ValueError(f"modules_to_save names modules that do not exist: {missing}")
     config = _with_modules_to_save(config, tuple(saved))
     targets = find_targets(model, config, method.layer)
+    config = config.for_modules(len(targets))
     if not config.fused and method.layer.low_rank_product is AdapterLayer.low_rank_product:
         raise ValueError(f"fused=False applies to the LoRA family; {method.name} always folds its update "
                          "into the base product and has no separate eager path")
@@ -150,59 +207,147 @@ def wrap(model: nn.Module, config: AdapterConfig | str, **overrides: Any) -> nn.
             p.requires_grad_(flag)
         raise
     model.requires_grad_(False)
-    for name, layer in layers.items():
-        set_module(model, name, layer)
+    for layer in layers.values():
         for p in layer.adapter_parameters().values():
             p.requires_grad_(True)
     # modules_to_save train a copy (as PEFT does): a head tied to the input embeddings stays
     # untouched, and unwrap() puts the original back
-    originals = {name: modules[name] for name in saved}
-    for name in saved:
-        set_module(model, name, copy.deepcopy(modules[name]).requires_grad_(True))
-    model.peftlab = AdapterState(method, controller, layers, saved, originals)
-    return model
+    trained = {s: copy.deepcopy(modules[s]).requires_grad_(True) for s in saved}
+    return AdapterState(name, method, controller, layers, trained, {s: modules[s] for s in saved})
+
+
+def _attach(model: nn.Module, state: AdapterState) -> None:
+    for name, layer in state.layers.items():
+        set_module(model, name, layer)
+    for name, module in state.trained.items():
+        set_module(model, name, module)
+
+
+def _detach(model: nn.Module, state: AdapterState) -> None:
+    """Put the base modules back where `state`'s layers and trained copies were."""
+    for name, layer in state.layers.items():
+        set_module(model, name, layer.base_layer)
+    for name, original in state.originals.items():
+        set_module(model, name, original)
+
+
+def _check_unmerged(state: AdapterState, action: str) -> None:
+    if any(layer.merged for layer in state.layers.values()):
+        raise RuntimeError(f"cannot {action}: adapter {state.name!r} is merged into the base weights; "
+                           "unmerge its layers (layer.unmerge()) first")
 
 
 def _with_modules_to_save(config: AdapterConfig, saved: tuple[str, ...]) -> AdapterConfig:
     return config if config.modules_to_save == saved else replace(config, modules_to_save=saved)
 
 
-def state_of(model: nn.Module) -> AdapterState:
-    state = getattr(model, "peftlab", None)
-    if state is None:
+def adapters_of(model: nn.Module) -> Adapters:
+    """The named adapters of a wrapped model (`model` may be DDP- or compile-wrapped)."""
+    adapters = getattr(_root(model), "peftlab", None)
+    if adapters is None:
         raise ValueError("this model has no peftlab adapters; call peftlab.wrap(model, ...) or peftlab.load_adapter first")
-    return state
+    return adapters
+
+
+def state_of(model: nn.Module, adapter_name: str | None = None) -> AdapterState:
+    """The named adapter, or the active one."""
+    adapters = adapters_of(model)
+    if adapter_name is None:
+        return adapters.current
+    if adapter_name not in adapters.states:
+        raise KeyError(f"no adapter named {adapter_name!r}; this model has {', '.join(map(repr, adapters.states))}")
+    return adapters.states[adapter_name]
 
 
 def controller(model: nn.Module) -> Controller:
-    """The wrapped model's controller, for hand-written loops (README, "Python API")."""
+    """The active adapter's controller, for hand-written loops (README, "Python API")."""
     return state_of(model).controller
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """Remove the adapters without merging: the model computes exactly what the base computed."""
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters, in the order they were added."""
+    return list(adapters_of(model).states)
+
+
+def active_adapter(model: nn.Module) -> str:
+    return adapters_of(model).active
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make `adapter_name` the adapter that computes, trains and has its controller run."""
+    adapters = adapters_of(model)
+    state = state_of(model, adapter_name)
+    if adapter_name == adapters.active:
+        return
+    _check_unmerged(adapters.current, "switch adapters")
+    root = _root(model)
+    _detach(root, adapters.current)
+    _attach(root, state)
+    adapters.active = adapter_name
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove one adapter; deleting the active one makes the first remaining adapter active."""
+    adapters = adapters_of(model)
+    state = state_of(model, adapter_name)
+    if len(adapters.states) == 1:
+        raise ValueError(f"{adapter_name!r} is the model's only adapter; peftlab.unwrap(model) removes it")
+    if adapter_name == adapters.active:
+        _check_unmerged(state, "delete the active adapter")
+        set_adapter(model, next(n for n in adapters.states if n != adapter_name))
+    del adapters.states[adapter_name]
+
+
+def _root(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """While inside, the model computes exactly what its base computes: every adapted layer runs its
+    base module alone (SaRA's and RandLoRA's folded updates included) and the modules_to_save are
+    the originals again; on exit, also after an exception, the adapter is back. The reference
+    model of DPO is this, with no second copy of the weights. `model` may be DDP- or compile-wrapped."""
     state = state_of(model)
-    for name, layer in state.layers.items():
+    _check_unmerged(state, "disable the adapter")
+    root = _root(model)
+    for layer in state.layers.values():
+        layer.enabled = False
+    for name, original in state.originals.items():
+        set_module(root, name, original)
+    try:
+        yield model
+    finally:
+        for layer in state.layers.values():
+            layer.enabled = True
+        for name, module in state.trained.items():
+            set_module(root, name, module)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: the model computes exactly what the base computed."""
+    state = state_of(model)
+    for layer in state.layers.values():
         if layer.merged:
             layer.unmerge()
-        set_module(model, name, layer.base_layer)
-    for name, original in state.originals.items():
-        set_module(model, name, original)
-    del model.peftlab
+    _detach(model, state)
+    _forget(model)
     return model
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (float32 math, cast once) and return a plain model.
+    """Fold the active adapter into its base weights (float32 math, cast once) and return a plain
+    model; the other adapters are dropped (merge one copy of the base per adapter you need).
 
     A 4-bit base is replaced by the float32 module it stood for (nn.Linear or GPT-2's Conv1D)
     holding dequantize(W) + ΔW: re-quantizing would throw most of the update away, so peftlab
     never does it silently.
     """
-    state = state_of(model)
-    if state.sharded:
+    if adapters_of(model).sharded:
         raise ValueError("cannot merge a sharded model (each process holds a slice of the base); save its adapter "
                          "and merge it into the unsharded base: peftlab merge RUN_DIR, or load_adapter + merge")
+    state = state_of(model)
     dequantized = []
     for name, layer in state.layers.items():
         if quant.is_4bit(layer.base_layer):
@@ -217,8 +362,15 @@ def merge(model: nn.Module) -> nn.Module:
             f"merged {len(dequantized)} 4-bit layers onto their dequantized float32 weights "
             "(not re-quantized, so the update is kept exactly)", stacklevel=2,
         )
-    del model.peftlab
+    _forget(model)
     return model
+
+
+def _forget(model: nn.Module) -> None:
+    routing = model.peftlab.routing
+    if routing is not None:
+        routing.remove()
+    del model.peftlab
 
 
 def trainable_summary(model: nn.Module) -> str:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..adapters.inject import active_adapter, state_of
 from ..io import ADAPTER_FILES, RUN_RECORD, save_adapter
 from .lifecycle import CONTROLLER_FILE, Lifecycle, read_state
 
@@ -51,7 +52,7 @@ def fingerprint(model: nn.Module, dataset: Sequence[dict[str, Any]]) -> dict[str
     for row in dataset:
         for key, value in sorted(row.items()):
             data.update(key.encode() + _bytes(torch.as_tensor(value)))
-    adapter = json.loads(json.dumps(model.peftlab.config.to_dict(), default=str))
+    adapter = json.loads(json.dumps(state_of(model).config.to_dict(), default=str))
     return {"base_model": base.hexdigest()[:16], "adapter": adapter, "data": data.hexdigest()[:16]}
 
 
@@ -160,7 +161,7 @@ def write_checkpoint(directory: Path, model: nn.Module, lifecycle: Lifecycle, op
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_adapter(model, tmp)  # the usable PEFT-format adapter (trimmed to live ranks)
+            save_adapter(model, tmp, active_adapter(model))  # the usable PEFT-format adapter (trimmed to live ranks)
             trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             _write(tmp / TRAINABLE_NAME, lambda f: save_file(trainable, f))  # untrimmed, for exact resume
             _write(tmp / CONTROLLER_FILE, lambda f: torch.save(lifecycle.state_dict(), f))

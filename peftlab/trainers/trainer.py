@@ -27,7 +27,7 @@ from transformers import get_scheduler
 
 from .. import kernels
 from ..adapters.controller import Controller
-from ..adapters.inject import state_of, trainable_summary
+from ..adapters.inject import active_adapter, state_of, trainable_summary
 from ..data import EpochBatches, PadCollator
 from ..io import refuse_overlap, save_adapter
 from ..memory import return_freed_memory
@@ -37,7 +37,7 @@ from .config import TrainConfig
 from .distributed import accelerator_for, distribute, without_sync
 from .lifecycle import Lifecycle, NonFiniteLossError, prepare_batches
 from .metrics import MetricsLog
-from .objectives import evaluate, objective_for
+from .objectives import Preference, evaluate, objective_for
 
 Batch = dict[str, torch.Tensor]
 
@@ -99,7 +99,7 @@ class Trainer:
         self.model, self.config = model, config
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.collate = data_collator or PadCollator()
-        self.objective = objective_for(model, train_dataset[0])
+        self.objective = objective_for(model, train_dataset[0], config.beta)
         self.accelerator = accelerator_for(config)
         self.lifecycle = Lifecycle(model, config.max_nonfinite_steps, say=self.accelerator.print)
         self.run_dir = RunDirectory(config.output_dir, self.accelerator)
@@ -110,10 +110,6 @@ class Trainer:
     def controller(self) -> Controller:
         return self.lifecycle.controller
 
-    @property
-    def nonfinite_total(self) -> int:
-        return self.lifecycle.skipped_total
-
     # ---------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: bool | str = False) -> dict[str, Any]:
         """Train to the configured length; `resume_from_checkpoint=True` continues from the newest
@@ -123,6 +119,9 @@ class Trainer:
         self.run_dir.lock()
         try:
             with silenced(self.config.disable_tqdm):
+                if self.config.precompute_ref_log_probs and isinstance(self.objective, Preference):
+                    self.train_dataset = self.objective.with_reference(self.model, self.train_dataset, self.collate,
+                                                                       self.config.eval_batch_size)
                 self.loop = self._start(resume_from_checkpoint)
                 # the loss head stands in after sharding, which needs the model's own output head
                 with self.objective.context(self.model), fast_dropout:
@@ -210,7 +209,7 @@ class Trainer:
             final.update(self.evaluate())
         acc.wait_for_everyone()
         if acc.is_main_process:
-            save_adapter(self.model, self.run_dir.path)
+            save_adapter(self.model, self.run_dir.path, active_adapter(self.model))
             self.metrics.log(final, self.controller.report())
         acc.end_training()
         return {**final, **speed, "skipped_steps": self.lifecycle.skipped_total}
@@ -221,7 +220,8 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         set_seed(cfg.seed)
         self.run_dir.remove_leftovers()
-        lengths = [len(row["input_ids"]) for row in self.train_dataset] if cfg.group_by_length else None
+        lengths = [sum(len(v) for k, v in row.items() if k.endswith("input_ids")) for row in self.train_dataset] \
+            if cfg.group_by_length else None
         batches = EpochBatches(len(self.train_dataset), cfg.per_device_train_batch_size,
                                acc.num_processes, acc.process_index, cfg.seed, lengths=lengths)
         total = cfg.total_steps(len(batches))
@@ -233,8 +233,9 @@ class Trainer:
         if checkpoint is None:
             self.run_dir.refuse_earlier_run(cfg.overwrite_output_dir)
             if self.lifecycle.needs_prepare:
-                prepared = prepare_batches(self.train_dataset, self.collate, cfg.per_device_train_batch_size,
-                                           acc.num_processes, acc.process_index, cfg.prepare_batches, acc.device)
+                prepared = [self.objective.model_inputs(b) for b in prepare_batches(
+                    self.train_dataset, self.collate, cfg.per_device_train_batch_size, acc.num_processes,
+                    acc.process_index, cfg.prepare_batches, acc.device)]
                 key = {k: self.fingerprint[k] for k in ("base_model", "adapter")}
                 self.run_dir.prepare_cached(self.lifecycle, prepared, key)
         else:  # adapter shapes (EVA's ranks) and weights first: the optimizer is built over them
@@ -266,8 +267,8 @@ class Trainer:
             for indices in batches.epoch(epoch, index):
                 rows = [self.train_dataset[i] for i in indices]
                 batch = self.collate(rows)
-                tokens[0] += sum(len(row["input_ids"]) for row in rows)
-                tokens[1] += batch["input_ids"].numel()
+                tokens[0] += sum(len(v) for row in rows for k, v in row.items() if k.endswith("input_ids"))
+                tokens[1] += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
                 yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
             epoch, index = epoch + 1, 0
 
