@@ -185,6 +185,84 @@ def causal_lm_features(rows: list[dict[str, Any]], tokenizer, source: str, max_l
              "labels": torch.tensor(labels)} for ids, labels in features]
 
 
+def encode_response(prompt: list[dict[str, str]], response: list[dict[str, str]], tokenizer,
+                    where: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a prompt's conversation followed by one response, the loss on the
+    response alone (however many assistant turns the prompt holds)."""
+    if getattr(tokenizer, "chat_template", None):
+        head = list(_ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)))
+        full = list(_ids(tokenizer.apply_chat_template(prompt + response, tokenize=True)))
+        if full[:len(head)] != head:
+            raise ValueError(f"{where}: the tokenizer's chat template does not render the prompt as a prefix of the "
+                             "prompt with its response, so the response tokens cannot be located")
+        return full, [-100] * len(head) + full[len(head):]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    head = tokenizer("\n".join(m["content"] for m in prompt))["input_ids"]
+    tail = tokenizer("\n".join(m["content"] for m in response), add_special_tokens=False)["input_ids"] + eos
+    return head + tail, [-100] * len(head) + tail
+
+
+def preference_pair(row: dict[str, Any], source: str, number: int) -> tuple[list, list, list]:
+    """(prompt, chosen, rejected) as messages from a preference row as TRL accepts it: `prompt`,
+    `chosen`, `rejected` as strings or message lists, or `chosen`/`rejected` whole conversations whose
+    shared beginning is the prompt."""
+    where = f"{source}, row {number}"
+
+    def messages(value: Any, role: str) -> list[dict[str, str]]:
+        if isinstance(value, str):
+            return [{"role": role, "content": value}]
+        if isinstance(value, list) and value and all(isinstance(m, dict) and m.get("role") in ROLES for m in value):
+            return [{"role": ROLES[m["role"]], "content": str(m.get("content", ""))} for m in value]
+        raise ValueError(f"{where}: a preference row's prompt, chosen and rejected are text or lists of role/content "
+                         f"turns, got {str(value)[:120]}")
+
+    for key in ("chosen", "rejected"):
+        if row.get(key) in (None, "", []):
+            raise ValueError(f"{where}: no {key!r} response (columns: {', '.join(row)})")
+    chosen, rejected = messages(row["chosen"], "assistant"), messages(row["rejected"], "assistant")
+    if row.get("prompt") not in (None, "", []):
+        prompt = messages(row["prompt"], "user")
+    else:  # an implicit prompt: what the two conversations share
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if not prompt:
+            raise ValueError(f"{where}: no 'prompt', and the chosen and rejected conversations share no beginning")
+    if chosen == rejected:
+        raise ValueError(f"{where}: the chosen and rejected responses are the same, so there is no preference")
+    return prompt, chosen, rejected
+
+
+def preference_features(rows: list[dict[str, Any]], tokenizer, source: str, max_length: int,
+                        drop_truncated: bool = False, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """DPO examples: the prompt with the chosen and with the rejected response, each trained on the
+    response tokens only. A pair with a response cut away entirely by max_length is an error (or, with
+    `drop_truncated`, dropped with a note)."""
+    features, emptied = [], []
+    for number, row in enumerate(rows, 1):
+        prompt, chosen, rejected = preference_pair(row, source, number)
+        if system_prompt is not None and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system_prompt}, *prompt]
+        feature = {}
+        for side, response in (("chosen", chosen), ("rejected", rejected)):
+            ids, labels = encode_response(prompt, response, tokenizer, f"{source}, row {number}")
+            feature.update({f"{side}_input_ids": torch.tensor(ids[:max_length]),
+                            f"{side}_attention_mask": torch.ones(min(len(ids), max_length), dtype=torch.long),
+                            f"{side}_labels": torch.tensor(labels[:max_length])})
+        if any((feature[f"{side}_labels"][1:] == -100).all() for side in ("chosen", "rejected")):
+            emptied.append(number)
+            continue
+        features.append(feature)
+    if emptied:
+        message = (f"{source}: {len(emptied)} of {len(rows)} pairs have a response cut away by max_length={max_length} "
+                   f"(e.g. row {emptied[0]})")
+        if not drop_truncated or not features:
+            raise ValueError(f"{message}. Raise max_length, or drop them with drop_truncated=true")
+        print(f"peftlab: {message}; dropped (drop_truncated=true)")
+    return features
+
+
 def pack(features: list[tuple[list[int], list[int]]], max_length: int) -> list[dict[str, Any]]:
     """Whole examples, in order, into blocks of at most max_length tokens. Each example keeps its own
     positions (position_ids restart at 0) and there is no attention mask, which makes transformers

@@ -32,7 +32,8 @@ class PadCollator:
             if values[0].dim() == 0:
                 batch[key] = torch.stack(values)
                 continue
-            pad = self.label_pad_id if key == "labels" else (self.pad_token_id if key == "input_ids" else 0)
+            # chosen_/rejected_ inputs of preference pairs pad as the plain ones do
+            pad = self.label_pad_id if key.endswith("labels") else self.pad_token_id if key.endswith("input_ids") else 0
             longest = max(v.shape[0] for v in values)
             out = torch.full((len(values), longest), pad, dtype=values[0].dtype)
             for i, v in enumerate(values):

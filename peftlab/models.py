@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-TASKS = ("seq-cls", "causal-lm")
+TASKS = ("seq-cls", "causal-lm", "dpo")  # dpo: a causal LM tuned on preference pairs
 
 
 def default_model() -> str:

@@ -41,13 +41,13 @@ def build_data(config: RunConfig, tokenizer, context: int | None = None,
     dataset and eval_dataset whole; the embedded task when no dataset is named. `eval_only` reads
     and tokenizes the eval split alone (train comes back empty)."""
     from . import data as datalib
-    from .chat import causal_lm_features, chat_notes, conversation
+    from .chat import causal_lm_features, chat_notes, conversation, preference_features
 
     data, task = config.data, config.model.task
     max_length = data.max_length or min(context or 2048, 2048)
     if data.dataset is None and data.eval_dataset is None:
         if task != "seq-cls":
-            raise ValueError("the embedded dataset is a classification task; pass --dataset for task=causal-lm")
+            raise ValueError(f"the embedded dataset is a classification task; pass --dataset for task={task}")
         seed = config.train.seed
         splits = [("embedded sentiment (train)", [] if eval_only else datalib.sentiment_dataset(TRAIN_EXAMPLES, seed)),
                   ("embedded sentiment (eval)", datalib.sentiment_dataset(EVAL_EXAMPLES, seed + 1))]
@@ -63,8 +63,9 @@ def build_data(config: RunConfig, tokenizer, context: int | None = None,
         splits = [(data.dataset, [] if eval_only else rows[:cut]), (f"{data.dataset} (held-out tail)", rows[cut:])]
     columns = {"prompt_column": data.prompt_column, "response_column": data.response_column,
                "messages_column": data.messages_column}
-    if task == "causal-lm":
-        chat = any(conversation(row, "", 0, **columns) is not None for _, rows in splits for row in rows[:100])
+    if task != "seq-cls":
+        chat = task == "dpo" or any(conversation(row, "", 0, **columns) is not None for _, rows in splits
+                                    for row in rows[:100])
         for note in chat_notes(tokenizer, chat, data.system_prompt):
             print(f"peftlab: note: {note}")
     out = []
@@ -74,6 +75,8 @@ def build_data(config: RunConfig, tokenizer, context: int | None = None,
         elif task == "seq-cls":
             out.append(datalib.classification_features(rows, tokenizer, source, config.model.num_labels, max_length,
                                                        data.text_column, data.pair_column, data.label_column))
+        elif task == "dpo":
+            out.append(preference_features(rows, tokenizer, source, max_length, data.drop_truncated, data.system_prompt))
         else:
             out.append(causal_lm_features(rows, tokenizer, source, max_length, data.packing, data.drop_truncated,
                                           data.max_truncated_fraction, data.system_prompt, columns))
@@ -192,11 +195,14 @@ def describe_run(run: Run) -> str:
              f"examples: {len(run.train_set)} train, {len(run.eval_set)} eval",
              trainable_summary(run.model),
              f"{estimate}{where}, at batches of {train.per_device_train_batch_size} x {longest} tokens"]
-    if run.config.model.task == "causal-lm":
+    if run.config.model.task != "seq-cls":
         from .chat import marked
 
-        lines.append(f"the first training example as the model sees it, trained tokens between ⟦ and ⟧:\n"
-                     f"{marked(run.tokenizer, run.train_set[0])}")
+        first = run.train_set[0]
+        prefix = "chosen_" if "chosen_input_ids" in first else ""
+        lines.append(f"the first training example{' (its chosen response)' if prefix else ''} as the model sees it, "
+                     f"trained tokens between ⟦ and ⟧:\n"
+                     f"{marked(run.tokenizer, {k: first[prefix + k] for k in ('input_ids', 'labels')})}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """PeftlabCallback under transformers.Trainer: the same lifecycle at the same points."""
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -44,7 +45,7 @@ def test_adalora_under_the_hf_trainer_reaches_its_target_budget(tmp_path):
     assert ctl.report()["budget"] == 6 * 14
     hf_trainer(model, tmp_path, max_steps=12).train()
     assert ctl.report()["budget"] == ctl.target_budget == 2 * 14
-    masked = [l for l in model.peftlab.layers.values() if not l.active.all()]
+    masked = [l for l in model.peftlab.current.layers.values() if not l.active.all()]
     assert masked and all(torch.count_nonzero(l.lora_E[~l.active]) == 0 for l in masked)
 
 
@@ -70,7 +71,7 @@ def test_penalty_joins_the_loss_once_per_step_in_every_front_end(tmp_path):
 
     model, ctl, by_hand = model_and_recorder()
     ctl.expect_total_steps(2)
-    optimizer = adapter_optimizer(model)
+    adapter_optimizer(model)
     batch = {k: torch.stack([row[k] for row in data]) for k in data[0]}
     (model(**batch).loss + ctl.penalty(0)).backward()
     ctl.before_optimizer_step(0)
@@ -93,16 +94,17 @@ def test_penalty_joins_the_loss_once_per_step_in_every_front_end(tmp_path):
         torch.testing.assert_close(theirs[name], by_hand[name], atol=1e-6, rtol=1e-5, msg=f"HF Trainer {name}")
 
 
-def test_hf_checkpoints_and_save_model_hold_the_adapter_in_peft_format_and_resume(tmp_path):
+@pytest.mark.parametrize("method, settings", [("lora", {"r": 4}), ("adalora", {"init_r": 4, "target_r": 2})])
+def test_hf_checkpoints_and_save_model_hold_the_adapter_once_in_peft_format_and_resume(method, settings, tmp_path):
     """Not the wrapped model under peftlab's names: a PEFT adapter that PeftModel loads, and a
-    checkpoint that transformers' own resume continues from exactly."""
+    checkpoint that transformers' own resume continues from exactly, holding the adapter once."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
     from conftest import tokens
 
     torch.manual_seed(0)
-    model = peftlab.wrap(tiny_llama(), "adalora", init_r=4, target_r=2)
+    model = peftlab.wrap(tiny_llama(), method, **settings)
     trainer = hf_trainer(model, tmp_path, max_steps=6)
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
@@ -111,13 +113,18 @@ def test_hf_checkpoints_and_save_model_hold_the_adapter_in_peft_format_and_resum
         weights = load_file(str(directory / "adapter_model.safetensors"))
         assert not any("base_layer" in k for k in weights), "no peftlab-internal names"
     assert not (tmp_path / "final" / "model.safetensors").exists()
+    rest = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    if method == "lora":  # the adapter file holds every trainable tensor: nothing twice
+        assert rest == {}
+    else:  # AdaLoRA's file holds the live ranks only; the full triplets are kept for exact resume
+        assert rest and all(k.endswith(("lora_A", "lora_E", "lora_B")) for k in rest)
     x = tokens()
     model.eval()
     theirs = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "final")).eval()
     torch.testing.assert_close(theirs(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
 
     torch.manual_seed(0)
-    again = peftlab.wrap(tiny_llama(), "adalora", init_r=4, target_r=2)
+    again = peftlab.wrap(tiny_llama(), method, **settings)
     resumed = hf_trainer(again, tmp_path, max_steps=6)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     for (name, a), b in zip(model.named_parameters(), again.parameters()):

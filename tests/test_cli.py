@@ -1,7 +1,6 @@
 """The CLI end to end on a tiny model, its error messages, dry-run, merge/export/eval."""
 import json
 import re
-import shutil
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ import yaml
 
 import peftlab
 from peftlab.cli import main
-from peftlab.data import sentiment_dataset
 from peftlab.run import load_base, read_record
 
 from cases import CASES
@@ -42,7 +40,7 @@ def test_train_each_method_end_to_end(method, tiny_bert, reviews, tmp_path, caps
     assert record.config.method == method and record.config.data.dataset == reviews
     assert "eval_accuracy" in capsys.readouterr().out
     loaded = peftlab.load_adapter(base_of(out), out)
-    assert loaded.peftlab.method.name == method
+    assert loaded.peftlab.current.method.name == method
     assert record.trainable_params == sum(p.numel() for p in loaded.parameters() if p.requires_grad)
 
 
@@ -102,7 +100,7 @@ def test_output_dir_comes_from_the_option_an_override_or_the_recipe_else_runs_ad
     (["seed=-1"], "seed=-1 (command line): TrainConfig: seed must be an integer in [0, 4294967296), got -1"),
     (["r=4", "r=16"], "r is given twice (r=4, r=16); give it once"),
     (["target_r=8"], "unknown key 'target_r'"),
-    (["task=chat"], "task must be one of seq-cls, causal-lm, got 'chat'"),
+    (["task=chat"], "task must be one of seq-cls, causal-lm, dpo, got 'chat'"),
     (["--output-dir", "a", "output_dir=b"], "output_dir=b and --output-dir a disagree; give it once"),
     (["path=elsewhere"], "path=elsewhere and --model "),
 ])

@@ -13,8 +13,10 @@ this callback an AdaLoRA model under the HF Trainer never changes rank (PEFT #18
 
 transformers saves a model only through its `save_pretrained`; while the callback holds the model,
 that method writes the adapter in PEFT format (as a PeftModel's does) instead of the wrapped model
-under peftlab's internal names. A checkpoint also gets the trainable tensors as
-`model.safetensors`, which is what transformers' own resume reads back.
+under peftlab's internal names. transformers' own resume reads `model.safetensors`: a checkpoint's
+holds only the trainable tensors the adapter file does not hold verbatim (none for LoRA, AdaLoRA's
+ranks pruned from its file), and the callback restores the rest from the adapter file, so no
+checkpoint holds the adapter twice.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..io import save_adapter
+from ..adapters.inject import active_adapter
+from ..io import WEIGHTS_NAME, parameters_in_adapter_file, save_adapter
 from .lifecycle import CONTROLLER_FILE, Lifecycle, prepare_batches
 
 
@@ -37,11 +40,16 @@ class PeftlabCallback(TrainerCallback):
         prepare_batches: training batches given to `prepare` (EVA), the first ones of the training
             data in its stored order, as peftlab.Trainer chooses them.
         max_nonfinite_steps: stop after this many optimizer steps in a row with a NaN/inf gradient.
+        allow_reference_model: let a TRL preference trainer (DPO, KTO) hold a reference model of its
+            own; by default that is refused, because TRL cannot disable a peftlab adapter and would
+            load a second copy of the base for it (README, "Preference tuning").
     """
 
-    def __init__(self, model: nn.Module | None = None, prepare_batches: int = 16, max_nonfinite_steps: int = 5):
+    def __init__(self, model: nn.Module | None = None, prepare_batches: int = 16, max_nonfinite_steps: int = 5,
+                 allow_reference_model: bool = False):
         self.model = model
         self.prepare_batches, self.max_nonfinite_steps = prepare_batches, max_nonfinite_steps
+        self.allow_reference_model = allow_reference_model
         self.lifecycle: Lifecycle | None = None
         self.step = 0
         self.applied = True
@@ -56,6 +64,15 @@ class PeftlabCallback(TrainerCallback):
         self.model = self.model if self.model is not None else model
         if self.model is not None:
             _save_adapter_while_wrapped(self.model)
+        # TRL builds its reference model after this event, so the refusal comes before the memory is spent
+        if getattr(args, "precompute_ref_log_probs", True) is False and not self.allow_reference_model:
+            raise ValueError(
+                f"{type(args).__name__}: TRL disables adapters only of PEFT's own PeftModel, so for a peftlab model "
+                "it would load a second copy of the base as the reference. Set precompute_ref_log_probs=True (the "
+                "reference log-probs are then computed once before training, by the wrapped model, which equals "
+                "its base at that point), or train with peftlab's DPO (peftlab train ... task=dpo), whose "
+                "reference is the same model with its adapter disabled. Passing a ref_model of your own on purpose? "
+                "PeftlabCallback(allow_reference_model=True)")
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, **kwargs: Any):
@@ -72,6 +89,7 @@ class PeftlabCallback(TrainerCallback):
                 raise FileNotFoundError(
                     f"resuming at step {state.global_step} but {path / CONTROLLER_FILE} is missing; the checkpoint was "
                     "not written with PeftlabCallback, so the adapter's lifecycle state cannot be restored")
+            _restore_from_adapter_file(self.model, path)
             lifecycle.load(path)
         elif lifecycle.needs_prepare:
             loader = kwargs.get("train_dataloader")
@@ -117,8 +135,12 @@ class PeftlabCallback(TrainerCallback):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             path.mkdir(parents=True, exist_ok=True)
             self.lifecycle.save(path)
-            trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-            save_file(trainable, str(path / "model.safetensors"), metadata={"format": "pt"})
+            in_adapter = parameters_in_adapter_file(self.model)
+            rest = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                    if p.requires_grad and n not in in_adapter}
+            save_file(rest, str(path / "model.safetensors"), metadata={"format": "pt"})
+            # what transformers' resume will not find there, so that it reports nothing as missing
+            self.model._keys_to_ignore_on_save = [n for n, _ in self.model.named_parameters() if n not in rest]
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self._hook is not None:
@@ -145,7 +167,17 @@ def _save_adapter_while_wrapped(model: nn.Module) -> None:
         if not hasattr(model, "peftlab"):
             return type(model).save_pretrained(model, save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
-            save_adapter(model, save_directory)
+            save_adapter(model, save_directory, active_adapter(model))
 
     model.save_pretrained = save_pretrained
-    model._keys_to_ignore_on_save = [n for n, p in model.named_parameters() if not p.requires_grad]
+    in_adapter = parameters_in_adapter_file(model)
+    model._keys_to_ignore_on_save = [n for n, p in model.named_parameters() if not p.requires_grad or n in in_adapter]
+
+
+@torch.no_grad()
+def _restore_from_adapter_file(model: nn.Module, checkpoint: Path) -> None:
+    """The trainable tensors a checkpoint keeps only in its adapter file (transformers read the rest)."""
+    tensors = load_file(str(checkpoint / WEIGHTS_NAME))
+    parameters = dict(model.named_parameters())
+    for name, key in parameters_in_adapter_file(model).items():
+        parameters[name].copy_(tensors[key])

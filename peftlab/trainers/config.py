@@ -57,6 +57,9 @@ class TrainConfig:
     max_nonfinite_steps: int = opt(5, "stop after this many optimizer steps in a row with a NaN/inf loss or gradient",
                                    check=at_least(1))
     prepare_batches: int = opt(16, "training batches handed to the adapter's prepare() (EVA)", check=at_least(0))
+    beta: float = opt(0.1, "DPO's β: how strongly the policy is held to the reference (task=dpo)", check=above(0))
+    precompute_ref_log_probs: bool = opt(False, "DPO: score every training pair with the reference (the adapter off) "
+                                                "once before training, instead of in every step")
     group_by_length: bool = opt(False, "batch examples of similar length together (less padding)")
     disable_tqdm: bool = opt(False, "no progress bars")
     overwrite_output_dir: bool = opt(False, "start a fresh run in an output_dir that holds an earlier run "

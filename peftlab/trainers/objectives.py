@@ -86,8 +86,8 @@ def log_prob_head(model: nn.Module) -> Iterator[TokenLogProbs | None]:
         model.lm_head = head
 
 
-def sequence_log_probs(model: nn.Module, stand_in: TokenLogProbs | None, input_ids: Tensor,
-                       attention_mask: Tensor | None, labels: Tensor, **inputs: Tensor) -> Tensor:
+def sequence_log_probs(model: nn.Module, stand_in: TokenLogProbs | None, input_ids: Tensor, labels: Tensor,
+                       attention_mask: Tensor | None = None, **inputs: Tensor) -> Tensor:
     """Σ_t log p(labels[t+1] | ≤ t) of every row, (B,), through `model` (which may be DDP- or
     compile-wrapped: the forward goes through the wrapper)."""
     if stand_in is not None:
@@ -114,6 +114,10 @@ class Objective:
     def summary(self, totals: dict[str, float], count: float) -> dict[str, float]:
         """Evaluation results from summed metrics."""
         raise NotImplementedError
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        """A batch as the model itself takes it (what a data-driven init such as EVA's runs on)."""
+        return batch
 
     def context(self, model: nn.Module):
         return nullcontext()
@@ -158,8 +162,82 @@ class CausalLM(Objective):
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
-def objective_for(model: nn.Module, example: dict[str, Any]) -> Objective:
-    """Token labels on a model with an output head: causal LM; one label per example: classification."""
+class Preference(CausalLM):
+    """DPO (Rafailov et al. 2023, arXiv:2305.18290, eq. 7) on pairs of responses to one prompt: with
+    log-ratios of the policy to the reference, the loss is −log σ(β (log π/π_ref (chosen) − log π/π_ref
+    (rejected))), the log-probabilities summed over response tokens. The reference is the model itself
+    with its adapter disabled (no second copy of the weights), or log-probabilities precomputed into the
+    examples (`ref_chosen_logp`, `ref_rejected_logp`). Items are pairs."""
+
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = beta
+
+    def count(self, batch: Batch) -> Tensor:
+        return torch.tensor(batch["chosen_input_ids"].shape[0], device=batch["chosen_input_ids"].device)
+
+    def log_probs(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Summed response log-probabilities of the chosen and the rejected rows, in one forward."""
+        pairs = batch["chosen_input_ids"].shape[0]
+        inputs = {}
+        for key in ("input_ids", "attention_mask", "labels"):
+            chosen, rejected = batch[f"chosen_{key}"], batch[f"rejected_{key}"]
+            width = max(chosen.shape[1], rejected.shape[1])
+            fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}[key]
+            inputs[key] = torch.cat([F.pad(chosen, (0, width - chosen.shape[1]), value=fill),
+                                     F.pad(rejected, (0, width - rejected.shape[1]), value=fill)])
+        logp = sequence_log_probs(model, self.stand_in, **inputs)
+        return logp[:pairs], logp[pairs:]
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        return {key: batch[f"chosen_{key}"] for key in ("input_ids", "attention_mask", "labels")}
+
+    @torch.no_grad()
+    def with_reference(self, model: nn.Module, dataset: Sequence[dict[str, Any]], collate: Callable,
+                       batch_size: int) -> list[dict[str, Any]]:
+        """The pairs with the reference's log-probabilities added (computed once, the adapter off)."""
+        from ..adapters.inject import disable_adapters
+
+        out = []
+        device = next(model.parameters()).device
+        with self.context(model), disable_adapters(model):
+            for start in progress(range(0, len(dataset), batch_size), desc="reference"):
+                rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                batch = {k: v.to(device) for k, v in collate(rows).items()}
+                chosen, rejected = self.log_probs(model, batch)
+                out += [{**row, "ref_chosen_logp": c.cpu(), "ref_rejected_logp": r.cpu()}
+                        for row, c, r in zip(rows, chosen, rejected)]
+        return out
+
+    def reference(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        if "ref_chosen_logp" in batch:
+            return batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+        from ..adapters.inject import disable_adapters
+
+        with torch.no_grad(), disable_adapters(model):
+            return self.log_probs(model, batch)
+
+    def losses(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        chosen, rejected = self.log_probs(model, batch)
+        ref_chosen, ref_rejected = self.reference(model, batch)
+        reward_chosen, reward_rejected = self.beta * (chosen - ref_chosen), self.beta * (rejected - ref_rejected)
+        margin = reward_chosen - reward_rejected
+        loss = -F.logsigmoid(margin).sum()
+        return loss, {"loss": loss.detach(), "correct": (margin > 0).sum(), "margin": margin.detach().sum(),
+                      "reward_chosen": reward_chosen.detach().sum(), "reward_rejected": reward_rejected.detach().sum(),
+                      "logp_chosen": chosen.detach().sum(), "logp_rejected": rejected.detach().sum()}
+
+    def summary(self, totals: dict[str, float], count: float) -> dict[str, float]:
+        return {"eval_loss": totals["loss"] / count, "eval_accuracy": totals["correct"] / count,
+                **{f"eval_{k}": totals[k] / count for k in ("margin", "reward_chosen", "reward_rejected", "logp_chosen",
+                                                            "logp_rejected")}}
+
+
+def objective_for(model: nn.Module, example: dict[str, Any], beta: float = 0.1) -> Objective:
+    """Preference pairs: DPO; token labels on a model with an output head: causal LM; one label per
+    example: classification."""
+    if "chosen_input_ids" in example:
+        return Preference(beta)
     labels = example.get("labels")
     if labels is None:
         raise ValueError("the training examples have no 'labels'; peftlab.Trainer needs labels to compute a loss")
