@@ -26,7 +26,7 @@ class Variant:
         self.run = torch.compile(model, options={"fallback_random": True}) if compiled else model
         self.times: list[float] = []
         # a peftlab method's regularizer joins the loss (PEFT adds AdaLoRA's inside forward)
-        self.penalty = model.peftlab.controller.penalty if hasattr(model, "peftlab") else (lambda step: 0.0)
+        self.penalty = model.peftlab.current.controller.penalty if hasattr(model, "peftlab") else (lambda step: 0.0)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()
@@ -101,7 +101,7 @@ def main() -> None:
     print(f"{args.model}{' 4-bit NF4' if args.load_in_4bit else ''}, batch {batch} x {length}, r={args.rank}, "
           f"dropout={args.dropout}, {args.rounds} x {args.steps} steps, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"| variant | median step | x floor | overhead vs PEFT's |\n|---|---|---|---|")
+    print("| variant | median step | x floor | overhead vs PEFT's |\n|---|---|---|---|")
     for run in runs:
         median = statistics.median(run.times)
         method = run.name.split()[1] if run.name.startswith("peft") else None

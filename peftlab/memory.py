@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -116,7 +117,9 @@ def _trace(build, config, adapter, method, settings, batch_size, seq_len, checkp
 
     scratch, kernels._SCRATCH = kernels._SCRATCH, {}  # the kernels' reused buffers must not turn fake
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+            # deepcopy (of a classification head, for modules_to_save) asks a fake tensor for its data pointer
+            warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
             model = build(config).requires_grad_(False)
             model = wrap(model, adapter) if adapter is not None else wrap(model, method, **settings)
             if checkpointing:
