@@ -239,24 +239,29 @@ def evaluate_trained(directory: str | os.PathLike, model_path: str | None = None
                     config.train.eval_batch_size)
 
 
-def merge_trained(directory: str | os.PathLike, output_dir: str | os.PathLike, model_path: str | None = None,
-                  load_in_4bit: bool = False, dtype: str = "float32") -> bool:
-    """Save base + adapter of a run as one plain model with its tokenizer (and generation config),
-    merged in float32 and cast once; True when the base was 4-bit (merged onto its dequantized
-    weights, never re-quantized)."""
+def merged_trained(directory: str | os.PathLike, model_path: str | None = None, load_in_4bit: bool = False):
+    """(base + adapter of a run merged in float32, tokenizer, whether the base was 4-bit: merged onto
+    its dequantized weights, never re-quantized)."""
     import warnings
-
-    import torch
 
     from . import quant
     from .adapters.inject import merge
 
-    refuse_writing_over_inputs(output_dir, directory, model_path)
     _, model, tokenizer = load_trained(directory, model_path, load_in_4bit)
     four_bit = any(quant.is_4bit(m) for m in model.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the caller says it once, plainly
-        merged = merge(model)
+        return merge(model), tokenizer, four_bit
+
+
+def merge_trained(directory: str | os.PathLike, output_dir: str | os.PathLike, model_path: str | None = None,
+                  load_in_4bit: bool = False, dtype: str = "float32") -> bool:
+    """Save base + adapter of a run as one plain model with its tokenizer (and generation config),
+    merged in float32 and cast once; True when the base was 4-bit."""
+    import torch
+
+    refuse_writing_over_inputs(output_dir, directory, model_path)
+    merged, tokenizer, four_bit = merged_trained(directory, model_path, load_in_4bit)
     if dtype != "float32":  # transformers refuses .to(dtype) on a model loaded in 4-bit, even once merged
         merged = merged.to(getattr(torch, dtype))
     atomic_save(output_dir, lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
