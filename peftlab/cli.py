@@ -78,36 +78,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export any adapter: as a plain PEFT LoRA (exact for low-rank methods, else truncated SVD), as
     the merged model in one GGUF file, or as a llama.cpp LoRA adapter (GGUF) for the base's file."""
-    from .run import refuse_writing_over_inputs
+    from .run import export_trained
 
-    refuse_writing_over_inputs(args.output_dir, args.adapter_dir, args.model)
-    if args.as_format == "gguf":
-        from .gguf_export import write_gguf
-        from .run import merged_trained
-
-        merged, tokenizer, _ = merged_trained(args.adapter_dir, args.model)
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        path = Path(args.output_dir) / f"model-{args.outtype}.gguf"
-        kinds = write_gguf(merged, tokenizer, path, args.outtype)
-        print(f"merged model written as GGUF to {path} ({len(kinds)} tensors, {args.outtype}; norms and biases f32)")
-        return 0
-    from .run import load_trained
-
-    model = load_trained(args.adapter_dir, args.model)[1]
-    if args.as_format == "gguf-lora":
-        from .gguf_export import write_gguf_lora
-
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        path = Path(args.output_dir) / "adapter-f32.gguf"
-        errors = write_gguf_lora(model, path, rank=args.rank)
-        where = f"{path} (llama-cli -m BASE.gguf --lora {path})"
-    else:
-        from .io import export_lora
-
-        errors = export_lora(model, args.output_dir, rank=args.rank)
-        where = args.output_dir
-    print(f"exported {len(errors)} modules as LoRA to {where}; relative error ||BA - dW|| / ||dW||: "
-          f"max {max(errors.values()):.2e}, mean {sum(errors.values()) / len(errors):.2e}")
+    print(export_trained(args.adapter_dir, args.output_dir, args.as_format, args.model, args.rank, args.outtype))
     return 0
 
 
@@ -144,10 +117,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    """Print the registry: name, aliases, file type, recipe, one line on the method."""
-    from .adapters.registry import describe
+    """Print the methods: name, aliases, file type, recipe, one line on the method."""
+    from .catalog import table
 
-    print(describe())
+    print(table())
     return 0
 
 
@@ -202,9 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = command("export", cmd_export, "export an adapter as a PEFT LoRA, or as GGUF for llama.cpp",
                 "peftlab export runs/sara --as lora --rank 16 --output-dir sara-as-lora/\n"
                 "  peftlab export runs/chat --as gguf --outtype q8_0 --output-dir gguf/")
-    e.add_argument("--as", dest="as_format", choices=["lora", "gguf", "gguf-lora"], default="lora",
-                   help="lora: a PEFT LoRA directory; gguf: the merged model as one GGUF file; gguf-lora: a "
-                        "llama.cpp LoRA adapter")
+    e.add_argument("--as", dest="as_format", choices=["lora", "gguf", "gguf-lora"], default="lora", help="lora: a "
+                   "PEFT LoRA directory; gguf: the merged model in one file; gguf-lora: a llama.cpp LoRA adapter")
     e.add_argument("--rank", type=int, help="truncate to this rank (needed for full-rank methods: sara, randlora)")
     e.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
                    help="the GGUF weight type of --as gguf (default f16; norms and biases stay f32)")

@@ -181,6 +181,24 @@ def test_adapters_table_lists_every_method_and_its_recipe(capsys):
     assert "learning_rate = 0.0002" in capsys.readouterr().out
 
 
+def test_the_catalog_is_the_registry_and_the_help_imports_no_torch():
+    """`peftlab --help` and `peftlab adapters` answer without torch, transformers or bitsandbytes (the
+    catalog they print is checked here against the registry)."""
+    import subprocess
+    import sys
+
+    from peftlab.adapters.registry import get_method, list_adapters
+    from peftlab.catalog import METHODS
+
+    registry = [(m, get_method(m).aliases, get_method(m).peft_type, get_method(m).config.__doc__.strip().splitlines()[0])
+                for m in list_adapters()]
+    assert METHODS == registry
+    probe = ("import sys; from peftlab.cli import main\nfor argv in (['--help'], ['adapters']):\n    try: main(argv)\n"
+             "    except SystemExit: pass\nprint(sorted({'torch', 'transformers', 'bitsandbytes'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]" and "sara" in done.stdout
+
+
 def test_every_registered_method_ships_a_recipe_and_a_missing_one_is_an_error(monkeypatch):
     from peftlab import recipes as runlib
 

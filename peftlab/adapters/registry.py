@@ -79,19 +79,3 @@ def method_of(config: AdapterConfig) -> Method:
         if type(config) is method.config:
             return method
     raise TypeError(f"{type(config).__name__} is not the config of a registered adapter method")
-
-
-def describe() -> str:
-    """The registry as a table (name, aliases, file type, recipe, description); `peftlab keys
-    --adapter NAME` lists a method's config fields."""
-    from importlib import resources
-
-    shipped = resources.files("peftlab").joinpath("configs")
-    rows = [("name", "aliases", "peft_type", "recipe", "description")]
-    for name in list_adapters():
-        method = get_method(name)
-        recipe = f"configs/{name}.yaml" if shipped.joinpath(f"{name}.yaml").is_file() else "-"
-        rows.append((name, ",".join(method.aliases) or "-", method.peft_type, recipe,
-                     (method.config.__doc__ or "").strip().splitlines()[0]))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[4] for row in rows)
