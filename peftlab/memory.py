@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -88,7 +88,10 @@ def estimate_memory(model: nn.Module, *, batch_size: int = 1, seq_len: int = 512
     if real is not None and is_wrapped(real):
         if method is not None or adapter_settings:
             raise ValueError("the model is wrapped already: its adapter is the one estimated; drop method/settings")
-        adapter = state_of(real).config
+        # the config as its saved file gives it back: choices made from the weights (SaRA's selected
+        # entries, AdaLoRA's ranks) come as sizes, which fake tensors can be traced with
+        state = state_of(real)
+        adapter = replace(state.config, **type(state.config).from_peft_fields(state.config.peft_fields(state.layers)))
     elif method is None:
         raise ValueError("give the adapter to estimate: a wrapped model, or method='lora' (and its settings)")
     else:

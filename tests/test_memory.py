@@ -48,6 +48,19 @@ def test_the_fake_trace_counts_what_a_real_step_allocates(method, settings, chec
     assert traced == pytest.approx(measured, rel=0.10 if checkpointing else 0.005), (traced, measured)
 
 
+@pytest.mark.parametrize("method", ["increlora", "evalora", "randlora", "allora", "sara"])
+def test_every_method_is_estimated_from_its_wrapped_model(method):
+    """The trace wraps a fake copy as the real adapter's file would rebuild it, so choices made from
+    the weights (SaRA's selected entries) come as sizes: no method needs real values to be estimated."""
+    rows = lm_dataset(8, length=32)
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows]), "labels": torch.stack([r["labels"] for r in rows])}
+    model = peftlab.wrap(tiny_llama(), method, target_modules="all-linear")
+    estimate = estimate_memory(model, batch_size=8, seq_len=32)
+    kernels._SCRATCH.clear()
+    measured = real_peak(model, batch, checkpointing=False)
+    assert estimate.base_weights + estimate.adapter + estimate.activations == pytest.approx(measured, rel=0.10)
+
+
 def test_estimate_follows_batch_checkpointing_4bit_and_fsdp(tmp_path):
     model = peftlab.wrap(tiny_llama(), "lora", r=4)
     one = estimate_memory(model, batch_size=2, seq_len=32)
