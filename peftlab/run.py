@@ -268,6 +268,35 @@ def merge_trained(directory: str | os.PathLike, output_dir: str | os.PathLike, m
     return four_bit
 
 
+def export_trained(directory: str | os.PathLike, output_dir: str | os.PathLike, as_format: str = "lora",
+                   model_path: str | None = None, rank: int | None = None, outtype: str = "f16") -> str:
+    """Write a run's adapter as a PEFT LoRA directory ("lora"), its merged model as one GGUF file
+    ("gguf") or a llama.cpp LoRA adapter ("gguf-lora") in `output_dir`; returns what was written."""
+    refuse_writing_over_inputs(output_dir, directory, model_path)
+    if as_format == "gguf":
+        from .gguf_export import write_gguf
+
+        merged, tokenizer, _ = merged_trained(directory, model_path)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(output_dir) / f"model-{outtype}.gguf"
+        kinds = write_gguf(merged, tokenizer, path, outtype)
+        return f"merged model written as GGUF to {path} ({len(kinds)} tensors, {outtype}; norms and biases f32)"
+    model = load_trained(directory, model_path)[1]
+    if as_format == "gguf-lora":
+        from .gguf_export import write_gguf_lora
+
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(output_dir) / "adapter-f32.gguf"
+        errors = write_gguf_lora(model, path, rank=rank)
+        where = f"{path} (llama-cli -m BASE.gguf --lora {path})"
+    else:
+        from .io import export_lora
+
+        errors, where = export_lora(model, output_dir, rank=rank), output_dir
+    return (f"exported {len(errors)} modules as LoRA to {where}; relative error ||BA - dW|| / ||dW||: "
+            f"max {max(errors.values()):.2e}, mean {sum(errors.values()) / len(errors):.2e}")
+
+
 def _saved_num_labels(directory: Path) -> int:
     """The class count of a saved classification head (modules_to_save), or 2."""
     from safetensors import safe_open

@@ -199,3 +199,26 @@ def reviews(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in sentiment_dataset(80, 0)))
     return str(path)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEXT = ["which fruit is red? a cherry", "which fruit is yellow? a banana", "green: a lime, 42 of them",
+        "and its colour? purple plum", "Hello world, the quick brown fox jumps over 1234 lazy dogs."]
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 / SmolLM style) with ChatML special tokens, trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(TEXT * 4, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    return tokenizer

@@ -163,3 +163,51 @@ def test_interactive_generation_keeps_the_conversation_and_ends_on_an_empty_line
     second = reply(model, tokenizer, history, 6, stream=False)
     assert "interactive" in printed and first.strip() in printed and second.strip() in printed
     assert printed.index(first.strip()) < printed.rindex(second.strip())
+
+
+@pytest.mark.slow
+def test_readme_data_and_templates_run_verbatim(tmp_path, monkeypatch, capsys):
+    """The README's data-and-templates commands: a save_to_disk directory trains exactly as the same
+    rows in a .jsonl file (bitwise equal adapters), and renamed columns on a base without a chat
+    template render through ChatML with the user's system prompt, the answer and its end of turn
+    trained."""
+    from datasets import Dataset, DatasetDict
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import bpe_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = bpe_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    for directory, template in (("tiny-llama", tokenizer.chat_template), ("base-llama", None)):
+        model.save_pretrained(directory)
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(directory)
+    rows = chat_rows(24)
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk("chat-ds")
+    Path("chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Path("qa.jsonl").write_text("".join(json.dumps({"question": f"which fruit is {c}?", "answer": f"a {f}"}) + "\n"
+                                        for c, f in [("red", "cherry"), ("yellow", "banana")] * 4))
+    text = README.read_text()
+    section = text[text.index("### Data and templates as you have them"):]
+    block = section[section.index("```bash") + 7: section.index("```", section.index("```bash") + 7)]
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith("peftlab ")]
+    assert len(commands) == 2 and "--dry-run" in commands[1]
+    quick = ["max_steps=4", "disable_tqdm=true"]
+    assert main(commands[0][1:] + quick) == 0
+    same_rows = [a if a != "chat-ds" else "chat.jsonl" for a in commands[0][1:] if a != "split=train"]
+    assert main([a if a != "runs/ds" else "runs/jsonl" for a in same_rows] + quick) == 0
+    from_directory, from_file = (load_file(f"runs/{d}/adapter_model.safetensors") for d in ("ds", "jsonl"))
+    assert from_directory.keys() == from_file.keys()
+    assert all(torch.equal(from_directory[k], from_file[k]) for k in from_file)
+    capsys.readouterr()
+    assert main(commands[1][1:]) == 0
+    shown = capsys.readouterr().out
+    assert "<|im_start|>system\nAnswer with one fruit.<|im_end|>" in shown
+    assert "<|im_start|>user\nwhich fruit is red?<|im_end|>" in shown and "⟦a cherry<|im_end|>" in shown
+
