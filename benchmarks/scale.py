@@ -26,8 +26,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 RESULTS = HERE / "scale.json"
-SIZES = {  # name: LlamaConfig fields (vocab 32000 throughout)
-    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12),
+SMALL = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12)
+SIZES = {  # name: LlamaConfig fields (vocab 32000 unless given)
+    "125m": SMALL,
+    "125m-v128k": dict(SMALL, vocab_size=128256),  # Llama 3's vocabulary: the logits are the memory
     "350m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
 }
@@ -35,7 +37,8 @@ SIZES = {  # name: LlamaConfig fields (vocab 32000 throughout)
 # every one with checkpointing (the targets' setting), and without it where a step stays short
 POINTS = ([(s, 512, 1, p, True) for s in SIZES for p in ("fp32", "nf4")]
           + [("125m", 2048, 1, p, True) for p in ("fp32", "nf4")] + [("125m", 512, 4, "fp32", True)]
-          + [(s, 512, 1, p, False) for s in ("125m", "350m") for p in ("fp32", "nf4")])
+          + [(s, 512, 1, p, False) for s in ("125m", "350m") for p in ("fp32", "nf4")]
+          + [("125m-v128k", 2048, 1, "fp32", True)])
 RANK, DROPOUT = 16, 0.05
 
 
@@ -45,7 +48,7 @@ def base_dir(size: str) -> Path:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, **SIZES[size])
+        config = LlamaConfig(**{"vocab_size": 32000, "max_position_embeddings": 2048, **SIZES[size]})
         LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -84,12 +87,25 @@ def measure(lib: str, size: str, seq: int, batch: int, precision: str, checkpoin
     for _ in range(1 + (1 if size == "1b" else 2)):
         ids = torch.randint(0, 32000, (batch, seq), generator=gen)
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss(lib, size, model, ids).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     timed = times[1:]
     return {"params": params, "step_s": sum(timed) / len(timed), "peak_mib": status("VmHWM"), "estimate_mib": estimate}
+
+
+def loss(lib: str, size: str, model, ids):
+    """The model's own loss (what transformers.Trainer computes), or, for peftlab at Llama 3's
+    vocabulary, peftlab's chunked loss (what `peftlab train` computes): the point of that row."""
+    if lib == "peftlab" and "v128k" in size:
+        from peftlab.trainers.objectives import CausalLM
+
+        objective = CausalLM()
+        with objective.context(model):
+            batch = {"input_ids": ids, "labels": ids}
+            return objective.losses(model, batch)[0] / objective.count(batch)
+    return model(input_ids=ids, labels=ids).loss
 
 
 def key(point: tuple) -> str:
