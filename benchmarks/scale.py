@@ -157,6 +157,8 @@ def plot(points: list[tuple], results: dict) -> None:
         for precision, style in (("fp32", "-"), ("nf4", "--")):
             chosen = sorted((x_of(p, results[key(p)]), results[key(p)]) for p in points
                             if keep(p) and p[3] == precision and key(p) in results)
+            if not chosen:  # a subset run (--sizes/--seqs) measured none of this view's points
+                continue
             for row_index, metric in enumerate(("step_s", "peak_mib")):
                 ax = axes[row_index][column]
                 for lib, color in (("peftlab", "tab:blue"), ("peft", "tab:orange")):
