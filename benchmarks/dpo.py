@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import subprocess
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm import SEED, model_dir  # noqa: E402
+from llm import SEED, model_dir, run_cli  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "dpo.json"
@@ -71,16 +70,9 @@ def run_peftlab(task: str, train: str, test: str | None, batch: int, out: Path) 
     command = [sys.executable, "-m", "peftlab.cli", "train", "--adapter", "lora", "--model", str(model_dir()),
                "--dataset", train, "--output-dir", str(out), f"task={task}", f"per_device_train_batch_size={batch}",
                *common_settings(), *([f"beta={BETA}", "--eval-dataset", test] if test else ["do_eval=false"])]
-    with open(out.with_suffix(".log"), "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-    if status:
-        raise RuntimeError(f"peftlab {task} failed:\n{out.with_suffix('.log').read_text()[-3000:]}")
-    record = json.loads((out / "run.json").read_text())
-    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "learning_rate" in r]
-    elapsed = [r["step"] * r["step_time"] for r in steps]
-    return {**{k: v for k, v in record["result"].items() if k.startswith("eval_")},
-            "step_time": (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1), "peak_rss_mib": usage.ru_maxrss / 1024}
+    record, step_time, peak = run_cli(command, out, f"peftlab {task}")
+    return {**{k: v for k, v in record["result"].items() if k.startswith("eval_")}, "step_time": step_time,
+            "peak_rss_mib": peak}
 
 
 def held_out(model, test_rows: list[dict]) -> dict:

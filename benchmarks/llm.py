@@ -165,19 +165,25 @@ def run_peftlab(point: dict, train_path: str, test_path: str, out: Path) -> dict
         command += ["do_eval=false"]
     else:
         command += ["--eval-dataset", test_path]
+    record, step_time, peak = run_cli(command, out, key(point))
+    dry = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, check=True).stdout
+    estimate = float(dry.split("expected peak memory per process: ")[1].split(" GiB")[0]) * 1024
+    return {"eval_loss": record["result"].get("eval_loss"), "peak_rss_mib": peak, "estimate_mib": estimate,
+            "step_time": step_time, "trainable": record["trainable_params"]}
+
+
+def run_cli(command: list[str], out: Path, name: str) -> tuple[dict, float, float]:
+    """Run a `peftlab train` command in its own process: (its run.json, seconds per step after the
+    first, the process's peak RSS in MiB)."""
     with open(out.with_suffix(".log"), "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
     if status:
-        raise RuntimeError(f"{key(point)} failed:\n{out.with_suffix('.log').read_text()[-3000:]}")
-    record = json.loads((out / "run.json").read_text())
+        raise RuntimeError(f"{name} failed:\n{out.with_suffix('.log').read_text()[-3000:]}")
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "learning_rate" in r]
     elapsed = [r["step"] * r["step_time"] for r in steps]  # cumulative averages back to times
-    dry = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, check=True).stdout
-    estimate = float(dry.split("expected peak memory per process: ")[1].split(" GiB")[0]) * 1024
-    return {"eval_loss": record["result"].get("eval_loss"), "peak_rss_mib": usage.ru_maxrss / 1024,
-            "estimate_mib": estimate, "step_time": (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1),
-            "trainable": record["trainable_params"]}
+    step_time = (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
+    return json.loads((out / "run.json").read_text()), step_time, usage.ru_maxrss / 1024
 
 
 def tokens_per_step(point: dict, train_path: str) -> float:
