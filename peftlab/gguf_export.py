@@ -43,6 +43,13 @@ def _architecture(config: Any) -> str:
     return arch
 
 
+def _architecture_and_names(gguf: Any, config: Any) -> tuple[str, Any]:
+    """The GGUF architecture and gguf's map from this model's tensor names to llama.cpp's."""
+    arch = _architecture(config)
+    blocks = config.n_layer if arch == "gpt2" else config.num_hidden_layers
+    return arch, gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], blocks)
+
+
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """HF Llama's q/k rows (each head's two rotary halves apart) to llama.cpp's (interleaved pairs)."""
     return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
@@ -166,9 +173,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, outtyp
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype={outtype!r}; GGUF export writes {', '.join(OUTTYPES)}")
     config = model.config
-    arch = _architecture(config)
-    blocks = config.n_layer if arch == "gpt2" else config.num_hidden_layers
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], blocks)
+    arch, names = _architecture_and_names(gguf, config)
     tied = getattr(config, "tie_word_embeddings", False)
     kinds: dict[str, str] = {}
 
@@ -211,9 +216,7 @@ def write_gguf_lora(model: nn.Module, path: str | os.PathLike, rank: int | None 
         raise ValueError(f"this adapter also trains whole modules ({', '.join(state.modules_to_save)}), which a "
                          "llama.cpp LoRA cannot carry; export the merged model with --as gguf")
     config = model.config
-    arch = _architecture(config)
-    blocks = config.n_layer if arch == "gpt2" else config.num_hidden_layers
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], blocks)
+    arch, names = _architecture_and_names(gguf, config)
     factors, errors = {}, {}
     for name, layer in state.layers.items():
         a, b = layer.lora_factors(rank)
